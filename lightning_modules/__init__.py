@@ -1,0 +1,1 @@
+"""One LightningModule per architecture, each over plain nn.Modules."""

@@ -1,0 +1,124 @@
+"""What every MemLM LightningModule shares, gradient-trained or not.
+
+- the tokenizer travels inside the checkpoint (as JSON), so chat/serve never need the data;
+- ``checkpoint["memlm"]`` records the class path, so :func:`memlm.checkpoint.load_module`
+  can rebuild any architecture from a bare ``.ckpt`` file;
+- bits-per-byte uses the tokenizer's exact UTF-8 byte count per token;
+- the chat protocol: ``generate(prompt_ids, ...)`` yields token ids one at a time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import lightning as L
+import torch
+
+from datamodules.tokenizer import TextTokenizer
+from memlm.errors import MemLMError
+
+CHECKPOINT_FORMAT = 1
+LN2 = math.log(2.0)
+
+
+class MemLMModule(L.LightningModule):
+    """Base for all MemLM modules. Subclasses set ``self.tokenizer`` or receive it in setup()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer: TextTokenizer | None = None
+        self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    # -- tokenizer --------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: TextTokenizer) -> None:
+        expected = getattr(self, "vocab_size", None) or getattr(self.hparams, "vocab_size", None)
+        if expected is not None and tokenizer.vocab_size > int(expected):
+            raise MemLMError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model was built for {expected}; "
+                "use the tokenizer stored in the checkpoint or retrain with a matching data.vocab_size"
+            )
+        self.tokenizer = tokenizer
+        tb = torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
+        if expected is not None and len(tb) < int(expected):
+            tb = torch.cat([tb, torch.zeros(int(expected) - len(tb), dtype=torch.long)])
+        self.token_bytes = tb.to(self.token_bytes.device)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is None:
+            return
+        if self.tokenizer is not None and self.tokenizer.fingerprint() != tok.fingerprint():
+            raise MemLMError(
+                "the datamodule's tokenizer differs from the checkpoint's tokenizer "
+                f"({tok.fingerprint()} vs {self.tokenizer.fingerprint()}); point --data.tokenizer at the "
+                "checkpoint's tokenizer (python -m memlm.checkpoint export-tokenizer CKPT OUT.json)"
+            )
+        self.set_tokenizer(tok)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        cls = type(self)
+        checkpoint["memlm"] = {
+            "format": CHECKPOINT_FORMAT,
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "tokenizer": self.tokenizer.to_json() if self.tokenizer is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("memlm") or {}
+        if meta.get("tokenizer"):
+            self.set_tokenizer(TextTokenizer.from_json(meta["tokenizer"]))
+
+    # -- bits per byte ----------------------------------------------------------------
+    def bytes_of(self, targets: torch.Tensor) -> torch.Tensor:
+        """Total UTF-8 bytes represented by ``targets`` (ignored positions = -100 count 0)."""
+        if self.token_bytes.numel() == 0:
+            return torch.tensor(float("nan"), device=targets.device)
+        valid = targets >= 0
+        return self.token_bytes.to(targets.device)[targets.clamp_min(0)].mul(valid).sum()
+
+    # -- chat protocol ----------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        raise MemLMError(f"{type(self).__name__} cannot generate text")
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """A fixed-size vector for a token sequence (used by /v1/embeddings and LTML)."""
+        raise MemLMError(f"{type(self).__name__} has no embedding")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample token ids from ``logits`` [B, V] with temperature, top-k and nucleus filtering.
+
+    ``temperature <= 0`` means greedy decoding.
+    """
+    if temperature is None or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1)
+        drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

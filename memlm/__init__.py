@@ -1,0 +1,1 @@
+"""Shared infrastructure for MemLM: errors, checkpoint loading, benchmark helpers."""
