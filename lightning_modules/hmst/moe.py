@@ -1,0 +1,176 @@
+"""Mixture-of-Experts feed-forward layer for the HMST working memory.
+
+- A linear top-k router (GShard/Switch style) with an optional additive bias on the router
+  logits (the meta-controller's expert-routing gate).
+- Switch load-balance loss ``E * sum_e f_e * P_e`` where ``f_e`` is the fraction of the real
+  top-k assignments dispatched to expert ``e`` (every one of the k choices counts, after any
+  capacity drop) and ``P_e`` the mean router probability; router z-loss
+  ``mean(logsumexp(logits)^2)``.
+- Dispatch by sorting the (token, choice) assignments by expert and gathering the tokens of
+  each expert into one contiguous block; the only Python loop is over experts. An optional
+  capacity factor drops assignments beyond ``ceil(cf * N * k / E)`` per expert, first choices
+  taking priority over second choices.
+- Experts are SwiGLU MLPs whose weights are stored stacked as ``[E, ...]`` tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [N, E] router logits (after the optional bias), float32
+    probs: torch.Tensor  # [N, E] softmax of logits
+    topk_idx: torch.Tensor  # [N, k] chosen experts, best first
+    topk_weight: torch.Tensor  # [N, k] combine weights
+
+
+def load_balance_loss(probs: torch.Tensor, assignment_counts: torch.Tensor, n_assignments: int | torch.Tensor) -> torch.Tensor:
+    """Switch/GShard balance loss ``E * sum_e f_e * P_e``.
+
+    ``probs`` [N, E] router probabilities; ``assignment_counts`` [E] how many top-k assignments
+    each expert really received; ``n_assignments`` the total (N * k before drops). Equals 1.0
+    for perfectly uniform routing and rises towards E as routing collapses onto one expert.
+    """
+    n_experts = probs.size(-1)
+    f = assignment_counts.to(probs.dtype) / max(float(n_assignments), 1.0)
+    p = probs.mean(0)
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition of the router logits."""
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).pow(2).mean()
+
+
+class Experts(nn.Module):
+    """E SwiGLU MLPs with stacked weights: w_gate/w_up [E, D, F], w_down [E, F, D]."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, init_std: float = 0.02, out_std: float | None = None):
+        super().__init__()
+        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.init_std, self.out_std = init_std, out_std if out_std is not None else init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.w_gate.device.type == "meta":
+            return
+        nn.init.normal_(self.w_gate, std=self.init_std)
+        nn.init.normal_(self.w_up, std=self.init_std)
+        nn.init.normal_(self.w_down, std=self.out_std)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: [N, D] -> [E, N, D] (the naive reference)."""
+        g = torch.einsum("nd,edf->enf", x, self.w_gate)
+        u = torch.einsum("nd,edf->enf", x, self.w_up)
+        return torch.einsum("enf,efd->end", F.silu(g) * u, self.w_down)
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts. ``forward(x[..., D], bias[..., E] | None) -> (y, stats)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int = 8,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        normalize_topk: bool = True,
+        init_std: float = 0.02,
+        out_std: float | None = None,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
+        self.n_experts, self.top_k = n_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.normalize_topk = normalize_topk
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        if self.router.weight.device.type != "meta":
+            nn.init.normal_(self.router.weight, std=init_std)
+        self.experts = Experts(n_experts, d_model, d_ff, init_std, out_std)
+
+    # -- routing -----------------------------------------------------------------------
+    def route(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> RouterOutput:
+        dt = torch.promote_types(x.dtype, torch.float32)  # route in at least fp32 (also under bf16)
+        logits = F.linear(x.to(dt), self.router.weight.to(dt))
+        if bias is not None:
+            logits = logits + bias.to(dt)
+        probs = logits.softmax(-1)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize_topk and self.top_k > 1:
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
+        return RouterOutput(logits, probs, idx, w)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        if self.capacity_factor is None or self.capacity_factor <= 0:
+            return None
+        return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        n = xf.size(0)
+        if bias is not None:  # [..., E] broadcastable to x's leading dims
+            bias = bias.expand(*shape[:-1], self.n_experts).reshape(-1, self.n_experts)
+        r = self.route(xf, bias)
+        k, E = self.top_k, self.n_experts
+        # k-major flattening: all first choices come before all second choices, so that a
+        # stable sort by expert gives first choices priority under a capacity limit.
+        flat_e = r.topk_idx.t().reshape(-1)
+        flat_t = torch.arange(n, device=x.device).repeat(k)
+        flat_w = r.topk_weight.t().reshape(-1)
+        e_sorted, order = torch.sort(flat_e, stable=True)
+        t_sorted, w_sorted = flat_t[order], flat_w[order]
+        counts = torch.bincount(e_sorted, minlength=E)
+        dropped = torch.zeros((), device=x.device)
+        cap = self.capacity(n)
+        if cap is not None:
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(e_sorted.numel(), device=x.device) - starts[e_sorted]
+            keep = pos < cap
+            dropped = 1.0 - keep.float().mean()
+            e_sorted, t_sorted, w_sorted = e_sorted[keep], t_sorted[keep], w_sorted[keep]
+            counts = torch.bincount(e_sorted, minlength=E)
+        xs = xf[t_sorted]
+        outs = []
+        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+            if chunk.numel():
+                outs.append(self.experts.expert_forward(e, chunk))
+        ys = torch.cat(outs, 0) if outs else xs.new_zeros(0, shape[-1])
+        y = torch.zeros_like(xf).index_add_(0, t_sorted, ys * w_sorted.to(ys.dtype).unsqueeze(-1))
+        p = r.probs
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+        stats = {
+            "balance": load_balance_loss(p, counts, n * k),
+            "z": router_z_loss(r.logits),
+            "load": counts.detach().float() / max(n * k, 1),  # fraction of assignments per expert
+            "entropy": entropy.detach(),
+            "dropped": dropped.detach(),
+        }
+        return y.reshape(shape), stats
+
+    def dense_reference(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Naive reference without capacity: run all experts densely and mix by the gate."""
+        xf = x.reshape(-1, x.size(-1))
+        r = self.route(xf, bias)
+        gates = torch.zeros_like(r.probs).scatter(-1, r.topk_idx, r.topk_weight)  # [N, E]
+        all_out = self.experts.dense_forward(xf)  # [E, N, D]
+        return torch.einsum("ne,end->nd", gates.to(all_out.dtype), all_out).reshape(x.shape)
+
+    def param_counts(self) -> tuple[int, int]:
+        """(expert parameters, router parameters)."""
+        return sum(p.numel() for p in self.experts.parameters()), self.router.weight.numel()
