@@ -1,0 +1,255 @@
+"""Selective state-space model (Mamba-1) for HMST's episodic memory.
+
+The recurrence, per batch b, channel d and state n::
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t = sum_n C_t[n] * h_t[n] + D * u_t          (then optionally * silu(z_t))
+
+Three implementations of the same function:
+
+- :func:`selective_scan_ref`: the step-by-step recurrence (a Python loop over time), the
+  test oracle;
+- :func:`selective_scan_chunked`: pure PyTorch, fast. The linear recurrence
+  ``h_t = a_t * h_{t-1} + b_t`` is solved by a custom autograd function: the forward runs a
+  Hillis-Steele doubling scan (log2(chunk) vectorised passes) inside chunks and carries the
+  state between chunks; the backward solves the adjoint recurrence
+  ``lam_t = g_t + a_{t+1} * lam_{t+1}`` with the same scan reversed, so autograd never sees
+  per-step indexing and only ``a``, ``h`` are kept for the backward. Products of decays stay
+  in (0, 1], so the scan is numerically stable for any step size;
+- :func:`selective_scan_mamba`: ``mamba_ssm``'s fused CUDA kernel. That kernel starts from a
+  zero state, so a carried initial state is added exactly by linearity:
+  ``y_t += C_t . (exp(cumsum(delta * A))_t * h0)`` and ``h_L += exp(sum(delta * A)) * h0``.
+
+:func:`selective_scan` picks ``mamba_ssm`` when it is importable and the tensors are on CUDA.
+Shapes follow mamba_ssm: u, delta, z [B, D, L]; A [D, N]; B, C [B, N, L]; D [D].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional fused kernel (pip install mamba-ssm on a CUDA machine)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except Exception:  # ImportError, or a broken CUDA build
+    _mamba_selective_scan_fn = None
+
+DEFAULT_CHUNK = 64
+
+
+def mamba_available() -> bool:
+    return _mamba_selective_scan_fn is not None
+
+
+# -- the linear recurrence h_t = a_t * h_{t-1} + b_t ------------------------------------------
+def _scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """Solve the recurrence along dim -2 of ``a``, ``b`` [..., L, N]; returns h [..., L, N]."""
+    L = a.size(-2)
+    out = torch.empty_like(b)
+    h = h0
+    for start in range(0, L, chunk):
+        end = min(L, start + chunk)
+        A = a[..., start:end, :].clone()
+        X = b[..., start:end, :].clone()
+        s, T = 1, end - start
+        while s < T:  # Hillis-Steele: after the pass with shift s, X_t sums 2s steps back
+            X[..., s:, :] += A[..., s:, :] * X[..., :-s, :]
+            A[..., s:, :] = A[..., s:, :] * A[..., :-s, :]
+            s *= 2
+        if h is not None:
+            X += A * h.unsqueeze(-2)
+        out[..., start:end, :] = X
+        h = X[..., -1, :]
+    return out
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, chunk):
+        h = _scan(a, b, h0, chunk)
+        ctx.save_for_backward(a, h, h0)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h, h0 = ctx.saved_tensors
+        # adjoint: lam_t = g_t + a_{t+1} lam_{t+1}, solved as a forward scan over reversed time
+        a_next = torch.cat([a[..., 1:, :], torch.zeros_like(a[..., :1, :])], dim=-2)
+        lam = _scan(a_next.flip(-2), g.contiguous().flip(-2), None, ctx.chunk).flip(-2)
+        h_prev = torch.cat([h0.unsqueeze(-2), h[..., :-1, :]], dim=-2)
+        grad_a = lam * h_prev
+        grad_h0 = a[..., 0, :] * lam[..., 0, :]
+        return grad_a, lam, grad_h0, None
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Differentiable ``h_t = a_t * h_{t-1} + b_t`` along dim -2 (h_{-1} = h0 or 0)."""
+    if h0 is None:
+        h0 = torch.zeros(*a.shape[:-2], a.shape[-1], dtype=a.dtype, device=a.device)
+    return _LinearScan.apply(a, b, h0.to(a.dtype), max(1, int(chunk)))
+
+
+# -- selective scans ----------------------------------------------------------------------------
+def _prep_delta(delta, delta_bias, delta_softplus):
+    if delta_bias is not None:
+        delta = delta + delta_bias.unsqueeze(-1)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    initial_state=None, return_last_state=False, chunk: int = DEFAULT_CHUNK,
+):
+    """Pure-PyTorch selective scan (see module docstring). Returns y [B, D, L] (, last state [B, D, N])."""
+    dtype_in = u.dtype
+    ct = torch.promote_types(u.dtype, torch.float32)
+    u, delta = u.to(ct), delta.to(ct)
+    delta = _prep_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    dA = torch.exp(delta.unsqueeze(-1) * A.to(ct).unsqueeze(1))  # [B, D, L, N]
+    dBu = (delta * u).unsqueeze(-1) * B.to(ct).transpose(1, 2).unsqueeze(1)  # [B, D, L, N]
+    h = linear_scan(dA, dBu, None if initial_state is None else initial_state.to(ct), chunk)
+    y = torch.einsum("bdln,bnl->bdl", h, C.to(ct))
+    if D is not None:
+        y = y + D.to(ct).unsqueeze(-1) * u
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(dtype_in)
+    if return_last_state:
+        return y, h[..., -1, :]
+    return y
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    initial_state=None, return_last_state=False,
+):
+    """The step-by-step recurrence: the oracle the fast paths are tested against."""
+    dtype_in = u.dtype
+    ct = torch.promote_types(u.dtype, torch.float32)
+    u, delta = u.to(ct), delta.to(ct)
+    delta = _prep_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    Bsz, Dm, L = u.shape
+    N = A.size(-1)
+    h = torch.zeros(Bsz, Dm, N, dtype=ct, device=u.device) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for t in range(L):
+        h = torch.exp(delta[:, :, t, None] * A.to(ct)) * h + (delta[:, :, t] * u[:, :, t]).unsqueeze(-1) * B[:, None, :, t].to(ct)
+        ys.append((h * C[:, None, :, t].to(ct)).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.to(ct).unsqueeze(-1) * u
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y
+
+
+def selective_scan_mamba(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    initial_state=None, return_last_state=False,
+):
+    """mamba_ssm's CUDA kernel, with a carried initial state added exactly by linearity."""
+    if _mamba_selective_scan_fn is None:
+        raise RuntimeError("mamba_ssm is not installed (pip install mamba-ssm on a CUDA machine)")
+    y, last = _mamba_selective_scan_fn(
+        u.contiguous(), delta.contiguous(), A.contiguous().float(), B.contiguous(), C.contiguous(),
+        None if D is None else D.float(), None, None if delta_bias is None else delta_bias.float(),
+        delta_softplus, True,
+    )
+    y = y.float()  # the kernel already added D * u; z is applied after the state term
+    last = last.float()
+    if initial_state is not None:
+        dt = _prep_delta(delta.float(), None if delta_bias is None else delta_bias.float(), delta_softplus)
+        decay = torch.exp(torch.cumsum(dt.unsqueeze(-1) * A.float().unsqueeze(1), dim=2))  # [B, D, L, N]
+        h0 = initial_state.float().unsqueeze(2)
+        y = y + torch.einsum("bdln,bnl->bdl", decay * h0, C.float())
+        last = last + decay[:, :, -1] * initial_state.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(u.dtype)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan(*args, backend: str = "auto", chunk: int = DEFAULT_CHUNK, **kw):
+    """Dispatch: ``auto`` = mamba_ssm on CUDA when installed, else the chunked PyTorch scan."""
+    u = args[0] if args else kw["u"]
+    if backend == "mamba" or (backend == "auto" and u.is_cuda and mamba_available()):
+        return selective_scan_mamba(*args, **kw)
+    if backend == "ref":
+        return selective_scan_ref(*args, **kw)
+    return selective_scan_chunked(*args, chunk=chunk, **kw)
+
+
+# -- the Mamba block ------------------------------------------------------------------------------
+class MambaBlock(nn.Module):
+    """Mamba-1 mixer: in_proj -> causal depthwise conv -> SiLU -> selective scan -> gate -> out_proj.
+
+    ``forward(x[B, T, D], state) -> (y[B, T, D], state)`` where ``state = (conv_state[B, Di, K-1],
+    ssm_state[B, Di, N])`` carries everything needed to continue the stream exactly: running a
+    sequence in pieces with the carried state equals running it whole.
+    """
+
+    def __init__(
+        self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
+        dt_min: float = 1e-3, dt_max: float = 0.1, backend: str = "auto", chunk: int = DEFAULT_CHUNK,
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or max(1, math.ceil(d_model / 16))
+        self.backend, self.chunk = backend, chunk
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.d_inner, 1, d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.d_inner))
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self._dt_range = (dt_min, dt_max)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.A_log.device.type == "meta":
+            return
+        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(self.d_conv), 1 / math.sqrt(self.d_conv))
+        nn.init.zeros_(self.conv_bias)
+        nn.init.normal_(self.dt_proj.weight, std=self.dt_rank**-0.5)
+        lo, hi = self._dt_range
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        with torch.no_grad():  # bias = softplus^-1(dt) so that initial steps lie in [dt_min, dt_max]
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        nn.init.ones_(self.D)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        return (
+            torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def forward(self, x: torch.Tensor, state=None):
+        Bsz, T, _ = x.shape
+        xz = self.in_proj(x).transpose(1, 2)  # [B, 2Di, T]
+        xi, z = xz.chunk(2, dim=1)
+        if state is None:
+            state = self.init_state(Bsz, x.device, xi.dtype)
+        conv_state, ssm_state = state
+        xc = torch.cat([conv_state.to(xi.dtype), xi], dim=-1)  # causal: K-1 carried inputs on the left
+        new_conv_state = xc[..., -(self.d_conv - 1):] if self.d_conv > 1 else conv_state
+        xi = F.silu(F.conv1d(xc, self.conv_weight.to(xi.dtype), self.conv_bias.to(xi.dtype), groups=self.d_inner))
+        dbc = self.x_proj(xi.transpose(1, 2))  # [B, T, R + 2N]
+        dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t().to(dt.dtype)).transpose(1, 2)  # [B, Di, T]; bias in the scan
+        A = -torch.exp(self.A_log.float())
+        y, last = selective_scan(
+            xi, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=ssm_state, return_last_state=True, backend=self.backend, chunk=self.chunk,
+        )
+        return self.out_proj(y.transpose(1, 2)), (new_conv_state, last)
