@@ -276,7 +276,7 @@ class LanguageModel(MemLMModule):
         eos_id = eos_id if eos_id is not None else (self.tokenizer.eos_id if self.tokenizer else None)
         limit = self.max_seq_len
         try:
-            state = None
+            state = self.init_generation_state() if use_cache else None
             context = ids
             if limit is not None and context.size(1) > limit:
                 context = context[:, -limit:]
@@ -284,7 +284,8 @@ class LanguageModel(MemLMModule):
             for _ in range(max_new_tokens):
                 if use_cache:
                     if limit is not None and state is not None and self._cache_len(state) + next_input.size(1) > limit:
-                        state, next_input = None, context[:, -limit:]  # cache full: re-prefill the window
+                        # cache full: re-prefill the most recent window into a fresh cache
+                        state, next_input = self.init_generation_state(), context[:, -limit:]
                     out = self(next_input, state=state)
                     state = out.state
                 else:
@@ -299,6 +300,10 @@ class LanguageModel(MemLMModule):
                 next_input = token.view(1, 1)
         finally:
             self.train(was_training)
+
+    def init_generation_state(self) -> Any:
+        """Empty state for cached generation (a KV cache); None lets forward() create its own."""
+        return None
 
     def _cache_len(self, state: Any) -> int:
         return int(getattr(state, "length", 0))

@@ -1,0 +1,85 @@
+"""Load any MemLM checkpoint, whatever its architecture, for chat, serving and evaluation.
+
+The class is read from ``checkpoint["memlm"]["class_path"]`` (written by MemLMModule), so
+a bare ``.ckpt`` is enough. Loading uses ``torch.load(weights_only=True)``.
+
+    python -m memlm.checkpoint info CKPT
+    python -m memlm.checkpoint export-tokenizer CKPT OUT.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+
+from memlm.errors import MemLMError, run_main
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MemLMError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise MemLMError(f"cannot read checkpoint {path}: it is corrupt or not a MemLM/Lightning checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise MemLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    if "memlm" not in ckpt:
+        raise MemLMError(f"{path} was not written by MemLM (no 'memlm' section); train it with train.py")
+    return ckpt
+
+
+def resolve_class(class_path: str):
+    module_name, _, cls_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise MemLMError(f"checkpoint class {class_path!r} cannot be imported ({exc})") from exc
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the LightningModule stored in ``path``, in eval mode, with its tokenizer."""
+    ckpt = read_checkpoint(path, map_location)
+    cls = resolve_class(ckpt["memlm"]["class_path"])
+    # LightningCLI records "_class_path"/"_instantiator" beside the real init args.
+    hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    try:
+        module = cls(**hparams)
+    except TypeError as exc:
+        raise MemLMError(f"checkpoint hyperparameters do not match {cls.__name__}: {exc}") from exc
+    module.on_load_checkpoint(ckpt)
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if unexpected or [m for m in missing if not m.endswith(("rope_cos", "rope_sin"))]:
+        raise MemLMError(f"checkpoint weights do not fit {cls.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    module.eval()
+    return module.to(map_location)
+
+
+def _main() -> int:
+    p = argparse.ArgumentParser(prog="python -m memlm.checkpoint")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="print class, hyperparameters and tokenizer of a checkpoint")
+    info.add_argument("ckpt")
+    exp = sub.add_parser("export-tokenizer", help="write the checkpoint's tokenizer as JSON")
+    exp.add_argument("ckpt")
+    exp.add_argument("out")
+    args = p.parse_args()
+    ckpt = read_checkpoint(args.ckpt)
+    if args.cmd == "info":
+        print("class:", ckpt["memlm"]["class_path"])
+        print("global_step:", ckpt.get("global_step"), "epoch:", ckpt.get("epoch"))
+        print("hyper_parameters:", dict(ckpt.get("hyper_parameters") or {}))
+        return 0
+    tok = ckpt["memlm"].get("tokenizer")
+    if not tok:
+        raise MemLMError("checkpoint has no tokenizer")
+    Path(args.out).write_text(tok, encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(_main)

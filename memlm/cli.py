@@ -1,0 +1,184 @@
+"""MemLM's LightningCLI: run directories, default loggers and checkpoints, linked vocab size.
+
+Runs land in ``runs/<config-stem>/version_N/`` (config.yaml, checkpoints/last.ckpt and the
+best checkpoint, logger output, analysis images). ``fit --ckpt_path last`` resumes the
+newest version of the same run name instead of starting a new one.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks.throughput import TokenThroughput
+from memlm.errors import MemLMError
+
+RUN_DIR_ENV = "MEMLM_RUN_DIR"
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def next_version(root: Path) -> int:
+    versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(versions, default=-1) + 1
+
+
+class MemLMCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self.run_dir: Path | None = None
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument("--run.name", type=str | None, default=None, help="run name (default: config file stem)")
+        parser.add_argument("--run.root", type=str, default="runs", help="directory holding all runs")
+        parser.add_argument("--run.version", type=str | None, default=None, help="version directory (default: next version_N)")
+        parser.add_argument(
+            "--run.logger", type=list[str], default=["wandb"],
+            help="default loggers when trainer.logger is not given: any of wandb, csv, tensorboard, none",
+        )
+        parser.add_argument("--run.wandb_project", type=str, default="memlm")
+        parser.add_argument("--run.ckpt_every_n_steps", type=int | None, default=None,
+                            help="also write last.ckpt every N training steps (default: after each validation)")
+
+    # -- run directory ----------------------------------------------------------------------
+    def _sub_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._sub_config()
+        if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
+            self.run_dir = Path(os.environ[RUN_DIR_ENV])  # DDP child: reuse rank 0's directory
+            cfg.trainer.default_root_dir = str(self.run_dir)
+            return
+        if cfg.trainer.default_root_dir:
+            self.run_dir = Path(cfg.trainer.default_root_dir)
+        else:
+            name = cfg.run.name
+            if not name:
+                configs = cfg.get("config") or []
+                name = Path(str(configs[0])).stem if configs else "run"
+            root = Path(cfg.run.root) / name
+            version = cfg.run.version
+            if version is None:
+                n = next_version(root)
+                resuming = str(cfg.get("ckpt_path") or "") == "last"
+                version = f"version_{max(0, n - 1) if resuming else n}"
+            self.run_dir = root / version
+            cfg.trainer.default_root_dir = str(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)
+
+    def _default_loggers(self, kinds: list[str]):
+        from lightning.pytorch import loggers
+
+        out = []
+        for kind in kinds:
+            kind = kind.lower()
+            if kind == "none":
+                return False
+            if kind == "csv":
+                out.append(loggers.CSVLogger(save_dir=str(self.run_dir), name="", version=""))
+            elif kind == "tensorboard":
+                out.append(loggers.TensorBoardLogger(save_dir=str(self.run_dir), name="", version="", default_hp_metric=False))
+            elif kind == "wandb":
+                out.append(self._wandb_logger())
+            else:
+                raise MemLMError(f"unknown --run.logger {kind!r}: use wandb, csv, tensorboard or none")
+        return out
+
+    def _wandb_logger(self):
+        from lightning.pytorch.loggers import WandbLogger
+
+        cfg = self._sub_config()
+        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not _wandb_has_key()
+        if offline and os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("MEMLM_QUIET") != "1":
+            print(
+                f"W&B: no API key configured, logging offline under {self.run_dir}/wandb; "
+                f"upload later with: wandb sync {self.run_dir}/wandb/offline-run-*"
+            )
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            config = cfg.clone().as_dict()
+        except Exception:
+            config = {}
+        return WandbLogger(
+            project=cfg.run.wandb_project,
+            name=f"{self.run_dir.parent.name}/{self.run_dir.name}",
+            save_dir=str(self.run_dir),
+            offline=offline,
+            config=config,
+        )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        cfg = self._sub_config()
+        if config.get("logger") in (None, True):
+            config["logger"] = self._default_loggers(cfg.run.logger)
+        cbs = config.get("callbacks") or []
+        cbs = cbs if isinstance(cbs, list) else [cbs]
+        module = self.model
+        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in cbs):
+            monitor = getattr(module, "checkpoint_monitor", "val/loss")
+            cbs.append(
+                ModelCheckpoint(
+                    dirpath=str(self.run_dir / "checkpoints"),
+                    filename="best-{step}",
+                    monitor=monitor,
+                    mode="min" if monitor and ("loss" in monitor or "bpb" in monitor or "ppl" in monitor) else "max",
+                    save_top_k=1 if monitor else 0,
+                    save_last=True,
+                    every_n_train_steps=cfg.run.ckpt_every_n_steps,
+                )
+            )
+        if not any(isinstance(c, TokenThroughput) for c in cbs):
+            cbs.append(TokenThroughput())
+        config["callbacks"] = cbs
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        model, data = self.model, self.datamodule
+        limit = getattr(model, "max_seq_len", None)
+        block = getattr(data, "block_size", None)
+        if limit is not None and block is not None and block > limit:
+            raise MemLMError(
+                f"data.block_size {block} is longer than the model supports ({limit}); "
+                f"lower --data.block_size or raise the model's block_size"
+            )
+        ckpt = self._sub_config().get("ckpt_path") if self.subcommand else None
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(str(ckpt)).is_file():
+            raise MemLMError(f"checkpoint not found: {ckpt}")
+        if ckpt == "last" and not (self.run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise MemLMError(f"nothing to resume: no {self.run_dir / 'checkpoints' / 'last.ckpt'}; drop --ckpt_path last")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.global_rank != 0:
+            return
+        ckpt_cb = trainer.checkpoint_callback
+        last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb and ckpt_cb.dirpath else None
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k in ("val/loss", "val/ppl", "val/bpb", "val/acc"))
+        print(f"\nrun directory: {self.run_dir}")
+        if last is not None and last.is_file():
+            print(f"checkpoint: {last}")
+            if ckpt_cb.best_model_path:
+                print(f"best checkpoint: {ckpt_cb.best_model_path}")
+        if summary:
+            print(f"final validation: {summary}")
