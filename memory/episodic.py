@@ -1,0 +1,148 @@
+"""Episodic store: a fixed-size ring buffer of recent segment summaries.
+
+Each entry is one processed segment: the SSM state after it (``ssm_state``, any fixed shape,
+given as ``state_dim`` = an int or a shape tuple), a pooled hidden state (``pooled``,
+``[hidden_dim]``) used as the retrieval key, and the token span ``(start, end)`` it covered.
+When full, the oldest entry is overwritten. Everything is a preallocated tensor on one
+device (``.to(device)`` moves it), writes are detached ``index_copy_`` calls, and retrieval is
+one cosine-similarity matmul plus ``topk``; nothing loops over entries in Python.
+
+Indices returned by :meth:`add`, :meth:`add_batch` and :meth:`retrieve` are ring-buffer slots:
+they stay valid until ``capacity`` newer entries have been written. :meth:`get` returns a
+``step`` per slot (the global write counter) so a caller can detect overwritten slots.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from memlm.errors import MemLMError
+
+
+class EpisodicStore:
+    """Ring buffer of (ssm_state, pooled, span). See the module docstring."""
+
+    def __init__(self, capacity: int, state_dim: int | Sequence[int], hidden_dim: int, device="cpu", dtype=torch.float32):
+        if capacity <= 0:
+            raise MemLMError(f"episodic store capacity must be positive, got {capacity}")
+        self.capacity = int(capacity)
+        self.state_shape = (int(state_dim),) if isinstance(state_dim, int) else tuple(int(s) for s in state_dim)
+        self.state_dim = state_dim
+        self.hidden_dim = int(hidden_dim)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.clear()
+
+    def clear(self) -> None:
+        cap, dev = self.capacity, self.device
+        self.ssm_state = torch.zeros((cap, *self.state_shape), dtype=self.dtype, device=dev)
+        self.pooled = torch.zeros((cap, self.hidden_dim), dtype=self.dtype, device=dev)
+        self.span = torch.zeros((cap, 2), dtype=torch.long, device=dev)
+        self.step = torch.full((cap,), -1, dtype=torch.long, device=dev)  # global write counter per slot
+        self._written = 0  # total entries ever written
+
+    def to(self, device) -> "EpisodicStore":
+        self.device = torch.device(device)
+        for name in ("ssm_state", "pooled", "span", "step"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    def __len__(self) -> int:
+        return min(self._written, self.capacity)
+
+    @property
+    def written(self) -> int:
+        """Total entries ever written (monotonic)."""
+        return self._written
+
+    def occupancy(self) -> float:
+        return len(self) / self.capacity
+
+    # ------------------------------------------------------------------ write
+    def add(self, ssm_state: torch.Tensor, pooled: torch.Tensor, span: tuple[int, int]) -> int:
+        """Write one entry; returns its slot."""
+        slots = self.add_batch(ssm_state.unsqueeze(0), pooled.unsqueeze(0), [tuple(span)])
+        return int(slots[-1])
+
+    def add_batch(self, ssm_states: torch.Tensor, pooled: torch.Tensor, spans) -> torch.Tensor:
+        """Write N entries in order (the last one is the newest); returns their slots [N].
+
+        ``ssm_states``: [N, *state_shape] (or [N, prod(state_shape)]); ``pooled``: [N, hidden_dim];
+        ``spans``: LongTensor [N, 2] or a list of (start, end). If N > capacity only the last
+        ``capacity`` entries survive (the returned slots of earlier ones are already overwritten).
+        """
+        n = pooled.shape[0]
+        if pooled.dim() != 2 or pooled.shape[1] != self.hidden_dim:
+            raise MemLMError(f"episodic pooled must be [N, {self.hidden_dim}], got {tuple(pooled.shape)}")
+        per_state = self.ssm_state[0].numel()
+        if ssm_states.dim() == 0 or ssm_states.shape[0] != n or ssm_states.numel() != n * per_state:
+            raise MemLMError(f"episodic ssm_state must be [N, {self.state_shape}], got {tuple(ssm_states.shape)}")
+        spans = torch.as_tensor(spans, dtype=torch.long).reshape(n, 2).to(self.device)
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        steps = torch.arange(self._written, self._written + n, device=self.device)
+        slots = steps % self.capacity
+        keep = slice(max(0, n - self.capacity), n)  # index_copy_ with duplicate slots is undefined: drop overwritten
+        idx = slots[keep]
+        self.ssm_state.index_copy_(0, idx, ssm_states[keep].detach().reshape(-1, *self.state_shape).to(self.device, self.dtype))
+        self.pooled.index_copy_(0, idx, pooled[keep].detach().to(self.device, self.dtype))
+        self.span.index_copy_(0, idx, spans[keep])
+        self.step.index_copy_(0, idx, steps[keep])
+        self._written += n
+        return slots
+
+    # ------------------------------------------------------------------ read
+    def retrieve(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k entries by cosine(query, pooled).
+
+        ``query`` is [hidden_dim] (returns scores[k'], indices[k']) or [B, hidden_dim] (returns
+        [B, k']), with k' = min(k, len(self)); best first. Indices are slots for :meth:`get`.
+        """
+        if query.shape[-1] != self.hidden_dim or query.dim() not in (1, 2):
+            raise MemLMError(f"episodic query must be [{self.hidden_dim}] or [B, {self.hidden_dim}], got {tuple(query.shape)}")
+        n = len(self)
+        kk = min(int(k), n)
+        q = F.normalize(query.detach().to(self.device, self.dtype), dim=-1)
+        if kk <= 0:
+            shape = (0,) if query.dim() == 1 else (query.shape[0], 0)
+            return torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=torch.long, device=self.device)
+        keys = F.normalize(self.pooled[:n], dim=-1)  # slots 0..n-1 are the filled ones
+        sims = q @ keys.T
+        return sims.topk(kk, dim=-1)
+
+    def get(self, indices) -> dict:
+        """Entries at the given slots: dict(ssm_state, pooled, span, step), indexed like ``indices``."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self)):
+            raise MemLMError(f"episodic slot out of range (store holds {len(self)} entries)")
+        return {"ssm_state": self.ssm_state[idx], "pooled": self.pooled[idx], "span": self.span[idx], "step": self.step[idx]}
+
+    def latest(self, n: int = 1) -> torch.Tensor:
+        """Slots of the newest min(n, len) entries, oldest first."""
+        n = min(int(n), len(self))
+        steps = torch.arange(self._written - n, self._written, device=self.device)
+        return steps % self.capacity
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "ssm_state": self.ssm_state.detach().cpu().clone(),
+            "pooled": self.pooled.detach().cpu().clone(),
+            "span": self.span.cpu().clone(),
+            "step": self.step.cpu().clone(),
+            "written": torch.tensor(self._written, dtype=torch.long),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["ssm_state"].shape) != tuple(self.ssm_state.shape) or tuple(state["pooled"].shape) != tuple(self.pooled.shape):
+            raise MemLMError(
+                f"episodic checkpoint shapes {tuple(state['ssm_state'].shape)}/{tuple(state['pooled'].shape)} do not match "
+                f"this store {tuple(self.ssm_state.shape)}/{tuple(self.pooled.shape)}; use the same capacity and dims"
+            )
+        self.ssm_state = state["ssm_state"].to(self.device, self.dtype).clone()
+        self.pooled = state["pooled"].to(self.device, self.dtype).clone()
+        self.span = state["span"].to(self.device, torch.long).clone()
+        self.step = state["step"].to(self.device, torch.long).clone()
+        self._written = int(state["written"])
