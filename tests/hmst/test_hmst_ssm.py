@@ -21,19 +21,20 @@ def _inputs(b=2, d=5, l=37, n=4, dtype=torch.float64, device="cpu", seed=0):
     )
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
-def test_chunked_scan_equals_step_recurrence(chunk):
+@pytest.mark.parametrize("chunk,method", [(1, "doubling"), (4, "doubling"), (16, "doubling"), (64, "doubling"), (64, "sequential")])
+def test_chunked_scan_equals_step_recurrence(chunk, method):
     kw = _inputs()
     y_ref, h_ref = selective_scan_ref(**kw, delta_softplus=True, return_last_state=True)
-    y, h = selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk=chunk)
+    y, h = selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk=chunk, method=method)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
 
 
-def test_chunked_scan_gradients_equal_recurrence_gradients():
+@pytest.mark.parametrize("method", ["doubling", "sequential"])
+def test_chunked_scan_gradients_equal_recurrence_gradients(method):
     kw = {k: v.requires_grad_() for k, v in _inputs(l=23).items()}
     y_ref = selective_scan_ref(**kw, delta_softplus=True)
-    y = selective_scan_chunked(**kw, delta_softplus=True, chunk=8)
+    y = selective_scan_chunked(**kw, delta_softplus=True, chunk=8, method=method)
     g = torch.randn_like(y)
     names = list(kw)
     gr = torch.autograd.grad((y_ref * g).sum(), [kw[k] for k in names])
@@ -43,16 +44,18 @@ def test_chunked_scan_gradients_equal_recurrence_gradients():
 
 
 def test_linear_scan_gradcheck_and_stability():
-    a = torch.rand(2, 3, 9, 2, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 3, 9, 2, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(9, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 2, 3, 2, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, chunk=4), (a, b, h0))
+    for method in ("doubling", "sequential"):
+        assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, chunk=4, method=method), (a, b, h0))
     # very strong decays (delta * A << -100) stay finite: decays are multiplied, never divided
     kw = _inputs(dtype=torch.float32)
     kw["delta"] = kw["delta"].abs() * 200
-    y = selective_scan_chunked(**kw, chunk=16)
-    torch.testing.assert_close(y, selective_scan_ref(**kw), rtol=1e-4, atol=1e-4)
-    assert torch.isfinite(y).all()
+    for method in ("doubling", "sequential"):
+        y = selective_scan_chunked(**kw, chunk=16, method=method)
+        torch.testing.assert_close(y, selective_scan_ref(**kw), rtol=1e-4, atol=1e-4)
+        assert torch.isfinite(y).all()
 
 
 def test_mamba_block_carries_state_exactly_across_segments():
