@@ -1,0 +1,294 @@
+"""LightningModule for the Hebbian continual learner: online learning, no optimizer, no backprop.
+
+    python train.py fit --config configs/hebbian_tiny.yaml
+
+Each training batch is a list of raw strings from :class:`datamodules.conversation.ConversationDataModule`;
+every string is learned once, in order, by local plasticity (``automatic_optimization = False``,
+``configure_optimizers`` returns None). Logged: ``train/acc`` (prequential next-unit accuracy:
+predicted before the unit was learned), ``train/vocab_size``, ``train/neurons``,
+``train/synapses``, ``train/learned_patterns``, ``train/weight_change``, ``train/new_units``,
+``train/tokens_per_sec``; validation logs ``val/acc``, ``val/loss``, ``val/ppl`` and ``val/bpb``
+(from a fixed softmax read-out of the network's drive, see ``ContinualLearner.score_text``).
+
+Checkpoints: the whole learner (weights, vocabulary, RNG states, counters) lives in
+``checkpoint["hebbian_state"]`` as tensors and JSON strings. The MemLM tokenizer slot
+(``checkpoint["memlm"]["tokenizer"]``) is left empty because the vocabulary is not a Hugging
+Face tokenizer; ``self.tokenizer`` is a :class:`HebbianTokenizer` adapter over the live
+vocabulary (encode/decode/eos_id/vocab_size/token_bytes/to_json/fingerprint) so chat and
+serving code written for ``TextTokenizer`` work unchanged.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+
+from lightning_modules.base import LN2, MemLMModule
+from lightning_modules.hebbian.learner import ContinualLearner, LearnerConfig
+from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
+from memlm.errors import MemLMError
+
+
+class HebbianTokenizer:
+    """``TextTokenizer``-shaped view of a learner's growing vocabulary."""
+
+    kind = "hebbian"
+    pad_id = None
+
+    def __init__(self, vocab: GrowingVocab | None = None, learner: ContinualLearner | None = None) -> None:
+        self._vocab = vocab
+        self._learner = learner
+
+    @property
+    def vocab(self) -> GrowingVocab:
+        return self._learner.vocab if self._learner is not None else self._vocab
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.id_space
+
+    def encode(self, text: str) -> list[int]:
+        return self.vocab.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.vocab.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.vocab.decode(ids, skip_special=skip_special_tokens)
+
+    def token_bytes(self) -> list[int]:
+        return self.vocab.token_bytes()
+
+    def to_json(self) -> str:
+        return self.vocab.to_json()
+
+    @classmethod
+    def from_json(cls, payload: str) -> "HebbianTokenizer":
+        return cls(vocab=GrowingVocab.from_json(payload))
+
+    def fingerprint(self) -> str:
+        return self.vocab.fingerprint()
+
+    def __repr__(self) -> str:
+        return f"HebbianTokenizer(vocab_size={len(self.vocab)}, ids={self.vocab.id_space})"
+
+
+class HebbianLanguageModel(MemLMModule):
+    """Online Hebbian learner as a LightningModule (see the module docstring)."""
+
+    checkpoint_monitor = "val/acc"
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        initial_vocab_size: int = 128,
+        max_vocab_size: int = 2048,
+        merge_threshold: int = 3,
+        max_unit_len: int = 12,
+        max_new_units_per_input: int = 4,
+        neurons_per_column: int = 8,
+        synapses_per_neuron: int = 48,
+        k_winners: int = 4,
+        learning_rate: float = 0.3,
+        hebbian_strength: float = 1.0,
+        depression: float = 0.2,
+        stdp_ltd: float = 0.05,
+        weight_decay: float = 0.002,
+        weight_max: float = 1.0,
+        activation_threshold: float = 0.2,
+        temperature: float = 0.7,
+        max_response_units: int = 48,
+        teacher_api_url: str | None = None,
+        teacher_model: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        cap = int(max_vocab_size) if vocab_size is None else min(int(max_vocab_size), int(vocab_size))
+        self.config = LearnerConfig(
+            initial_vocab_size=initial_vocab_size,
+            max_vocab_size=cap,
+            merge_threshold=merge_threshold,
+            max_unit_len=max_unit_len,
+            max_new_units_per_input=max_new_units_per_input,
+            neurons_per_column=neurons_per_column,
+            synapses_per_neuron=synapses_per_neuron,
+            k_winners=k_winners,
+            learning_rate=learning_rate,
+            hebbian_strength=hebbian_strength,
+            depression=depression,
+            stdp_ltd=stdp_ltd,
+            weight_decay=weight_decay,
+            weight_max=weight_max,
+            activation_threshold=activation_threshold,
+            temperature=temperature,
+            max_response_units=max_response_units,
+            teacher_api_url=teacher_api_url,
+            teacher_model=teacher_model,
+            seed=seed,
+        )
+        self.learner = ContinualLearner(self.config)
+        self.tokenizer = HebbianTokenizer(learner=self.learner)
+        self._val = [0, 0, 0.0, 0]  # correct, scored, nll, bytes
+
+    # -- Lightning ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        return None
+
+    def forward(self, texts: list[str]) -> dict:
+        """Learn ``texts`` in order; returns the summed learning info."""
+        out = {"correct": 0, "scored": 0, "units": 0, "new_units": 0}
+        for text in texts:
+            info = self.learner.learn_text(text)
+            out["correct"] += info["correct"]
+            out["scored"] += info["scored"]
+            out["units"] += info["units"]
+            out["new_units"] += len(info["new_units"])
+        return out
+
+    def _check_batch(self, batch) -> list[str]:
+        if isinstance(batch, str):
+            return [batch]
+        if isinstance(batch, (list, tuple)) and all(isinstance(x, str) for x in batch):
+            return list(batch)
+        raise MemLMError(
+            "HebbianLanguageModel learns from raw strings; use data.class_path: "
+            "datamodules.conversation.ConversationDataModule"
+        )
+
+    def training_step(self, batch, batch_idx):
+        texts = self._check_batch(batch)
+        net = self.learner.net
+        change0, steps0 = net.abs_change, net.learning_steps
+        t0 = time.perf_counter()
+        out = self(texts)
+        dt = time.perf_counter() - t0
+        n = len(texts)
+        stats = {
+            "train/acc": out["correct"] / max(1, out["scored"]),
+            "train/vocab_size": float(len(self.learner.vocab)),
+            "train/neurons": float(net.n_neurons),
+            "train/synapses": float(net.n_synapses()),
+            "train/learned_patterns": float(net.n_connected()),
+            "train/weight_change": (net.abs_change - change0) / max(1, net.learning_steps - steps0),
+            "train/new_units": float(out["new_units"]),
+            "train/tokens_per_sec": out["units"] / max(dt, 1e-9),
+        }
+        self.log_dict(stats, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/vocab", stats["train/vocab_size"], prog_bar=True, on_step=True, batch_size=n, logger=False)
+        self.log("train/acc_bar", stats["train/acc"], prog_bar=True, on_step=True, batch_size=n, logger=False)
+        return None
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = [0, 0, 0.0, 0]
+
+    def validation_step(self, batch, batch_idx):
+        for text in self._check_batch(batch):
+            r = self.learner.score_text(text, with_nll=True)
+            self._val[0] += r["correct"]
+            self._val[1] += r["scored"]
+            self._val[2] += r["nll"]
+            self._val[3] += r["bytes"]
+
+    def on_validation_epoch_end(self) -> None:
+        correct, scored, nll, nbytes = self._val
+        if scored == 0:
+            return
+        loss = nll / scored
+        self.log_dict(
+            {
+                "val/acc": correct / scored,
+                "val/loss": loss,
+                "val/ppl": math.exp(min(loss, 50.0)),
+                "val/bpb": nll / (LN2 * max(1, nbytes)),
+            },
+            prog_bar=True,
+        )
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self._val = [0, 0, 0.0, 0]
+
+    def on_test_epoch_end(self) -> None:
+        correct, scored, nll, nbytes = self._val
+        if scored:
+            self.log_dict({"test/acc": correct / scored, "test/loss": nll / scored, "test/bpb": nll / (LN2 * max(1, nbytes))})
+
+    # -- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["memlm"]["tokenizer"] = None  # not a Hugging Face tokenizer: see hebbian_state["vocab"]
+        checkpoint["memlm"]["tokenizer_kind"] = "hebbian"
+        checkpoint["hebbian_state"] = self.learner.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("hebbian_state")
+        if state is None:
+            raise MemLMError("checkpoint has no hebbian_state; it was not written by HebbianLanguageModel")
+        self.learner.load_state_dict(state)
+        self.config = self.learner.config
+        self.tokenizer = HebbianTokenizer(learner=self.learner)
+
+    # -- chat protocol ------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Run the network over ``<bos> + prompt_ids`` (unit ids) and yield sampled next units.
+
+        Only units the network predicts (drive above threshold) are candidates; ``top_k``
+        keeps the k strongest of them. Stops at ``<eos>`` (yielded), when nothing is predicted,
+        or after ``max_new_tokens``. No learning happens here.
+        """
+        ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        learner, net = self.learner, self.learner.net
+        stop = EOS_ID if eos_id is None else int(eos_id)
+        gen = generator if generator is not None else learner.generator
+        snap = net.snapshot()
+        net.reset()
+        try:
+            learner._feed([BOS_ID] + [int(i) for i in ids if 0 <= int(i) < net.n_units], learn=False)
+            for _ in range(int(max_new_tokens)):
+                scores = net.unit_scores()
+                ok = scores >= net.threshold
+                if not bool(ok.any()):
+                    return
+                if temperature is None or temperature <= 0:
+                    u = int(scores.argmax())
+                else:
+                    logits = (scores / (net.w_max * temperature) * 4.0).masked_fill(~ok, float("-inf"))
+                    if top_k is not None and 0 < top_k < int(ok.sum()):
+                        kth = torch.topk(logits, top_k).values[-1]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    u = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+                yield u
+                if u == stop:
+                    return
+                net.step(u, learn=False)
+        finally:
+            net.restore(snap)
+
+    def respond(self, text: str, learn: bool = True) -> str:
+        """Convenience for chat: learn from ``text`` (if ``learn``) and answer it."""
+        self.learner.learning = bool(learn)
+        try:
+            return self.learner.process_input_and_respond(text)
+        finally:
+            self.learner.learning = True
