@@ -35,6 +35,35 @@ def next_version(root: Path) -> int:
     return max(versions, default=-1) + 1
 
 
+def _set_exit_on_error(parser, value: bool) -> None:
+    parser.exit_on_error = value
+    action = getattr(parser, "_subcommands_action", None)
+    for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+        _set_exit_on_error(sub, value)
+
+
+def _one_line_parse_error(message: str) -> str:
+    """Condense jsonargparse's multi-line report to its most specific cause, on one line."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments; see python train.py fit --help"
+    head = lines[0].rstrip(":")
+    for i, ln in enumerate(lines):
+        if ln.startswith("Problem with given class_path"):
+            detail = []
+            for nxt in lines[i + 1 : i + 4]:
+                if nxt.startswith(("Expected a <class 'NoneType'>", "Given value")):
+                    break
+                detail.append(nxt)
+            cause = f"{ln.rstrip(':')}: {' '.join(detail)}" if detail else ln
+            import_problem = any(w in cause for w in ("has no attribute", "No module named", "import"))
+            hint = "check the class_path (module.ClassName)" if import_problem else "see python train.py fit --help"
+            return f"{head}: {cause[:400]}; {hint}"
+    rest = [ln for ln in lines[1:] if not ln.startswith(("Given value", "Subtypes:", "Errors:"))]
+    text = f"{head}: {'; '.join(rest[:2])}" if rest else head
+    return f"{text[:400]}; see python train.py fit --help"
+
+
 class MemLMCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -56,6 +85,16 @@ class MemLMCLI(LightningCLI):
         parser.add_argument("--run.wandb_project", type=str, default="memlm")
         parser.add_argument("--run.ckpt_every_n_steps", type=int | None, default=None,
                             help="also write last.ckpt every N training steps (default: after each validation)")
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse; a bad option or class_path becomes one ``error:`` line (not usage + a multi-line report)."""
+        from jsonargparse import ArgumentError
+
+        _set_exit_on_error(parser, False)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            raise MemLMError(_one_line_parse_error(str(exc))) from exc
 
     # -- run directory ----------------------------------------------------------------------
     def _sub_config(self):
