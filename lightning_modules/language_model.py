@@ -139,7 +139,7 @@ class LanguageModel(MemLMModule):
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             raise MemLMError(
