@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lightning_modules.hebbian.network import ColumnNetwork
+from lightning_modules.hebbian.network import NO_CONTEXT, ColumnNetwork
 from lightning_modules.hebbian.teacher import DEFAULT_SYSTEM_PROMPT, TeacherClient, TeacherUnavailable
 from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
 from memlm.errors import MemLMError
@@ -46,9 +47,11 @@ class LearnerConfig:
     usage_half_life: float = 5000.0  # in utterances; decay of unit usage counts
     forget_below: float = 0.5  # forget() floor on decayed usage
     # network
-    neurons_per_column: int = 8
+    neurons_per_column: int = 16
     synapses_per_neuron: int = 48
     k_winners: int = 4  # k-winners-take-all inside an active column
+    trace_len: int = 2  # recent winner sets that drive predictions and learn (STDP window)
+    trace_decay: float = 0.5  # weight of lag l in the trace: trace_decay**l
     learning_rate: float = 0.3
     hebbian_strength: float = 1.0  # potentiation gain relative to learning_rate
     depression: float = 0.2  # misprediction depression (x learning_rate)
@@ -104,6 +107,8 @@ class ContinualLearner:
             w_max=cfg.weight_max,
             threshold=cfg.activation_threshold,
             k_winners=cfg.k_winners,
+            trace_len=cfg.trace_len,
+            trace_decay=cfg.trace_decay,
             seed=cfg.seed,
         )
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -134,15 +139,11 @@ class ContinualLearner:
 
     def _feed(self, ids: list[int], learn: bool) -> tuple[int, int]:
         """Present units in order; returns (correct predictions, predictions scored)."""
-        correct = scored = 0
-        net = self.net
-        for u in ids:
-            had_context = net.drive is not None
-            pred = net.step(u, learn=learn)
-            if had_context:
-                scored += 1
-                correct += int(pred == u)
-        return correct, scored
+        if not ids:
+            return 0, 0
+        preds = self.net.feed(ids, learn=learn)
+        scored = preds != NO_CONTEXT
+        return int((preds[scored] == np.asarray(ids)[scored]).sum()), int(scored.sum())
 
     def learn_utterance(self, text: str, continue_context: bool = False, close: bool = True, start: bool = True) -> dict:
         """Learn one utterance.
@@ -206,7 +207,7 @@ class ContinualLearner:
         alive = net.alive
         n_alive = max(1, int(alive.sum()))
         for u in seq:
-            if net.drive is not None:
+            if net.has_context:
                 scores = net.unit_scores()
                 best = int(scores.argmax())
                 pred = best if float(scores[best]) >= net.threshold else -1

@@ -1,7 +1,8 @@
 """A vocabulary that is learned from exposure, one utterance at a time.
 
 It starts from three special units (``<eos>``, ``<unk>``, ``<bos>``), the most frequent characters and a
-few syllable-like units (``initial_vocab_size`` of them in all). Every observed utterance is
+few syllable-like units (``initial_vocab_size`` of them in all, at most the 171 seeds
+defined here). Every observed utterance is
 segmented greedily (longest known unit first); adjacent unit pairs are counted and a pair
 seen ``merge_threshold`` times becomes a new unit (at most ``max_new_units_per_text`` per
 utterance). Characters never seen before become units the first time they appear.
@@ -207,16 +208,18 @@ class GrowingVocab:
             self.usage[u] = self.usage_of(u) + 1.0
             self.usage_step[u] = self.step
         counts = self.pair_counts
+        candidates = set()
         for a, b in zip(ids, ids[1:]):
             if a <= BOS_ID or b <= BOS_ID:
                 continue
-            counts[(a, b)] = counts.get((a, b), 0.0) + 1.0
+            c = counts.get((a, b), 0.0) + 1.0
+            counts[(a, b)] = c
+            if c >= self.merge_threshold:
+                candidates.add((a, b))
         if len(counts) > self.max_pair_entries:
             self.pair_counts = counts = {p: c / 2 for p, c in counts.items() if c >= 2}
-
-        ready = sorted(
-            ((c, p) for p, c in counts.items() if c >= self.merge_threshold), key=lambda cp: -cp[0]
-        )
+        # pairs of this utterance that reached the threshold, most frequent first
+        ready = sorted(((counts[p], p) for p in candidates if p in counts), key=lambda cp: (-cp[0], cp[1]))
         made = 0
         in_text = set(ids)
         for c, (a, b) in ready:
