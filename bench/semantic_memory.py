@@ -8,11 +8,15 @@ with the same keys through ``SemanticMemory.add`` (IVF-PQ trains lazily inside i
 searched with the same queries through ``SemanticMemory.search`` (the full read path the model
 uses: FAISS search + value gather + tensor conversion). Search timing runs interleaved,
 round by round, and the table gives ratios to the exact flat index. recall@k is the mean
-overlap of the top-k ids with exact search's top-k.
+overlap of the top-k ids with exact search's top-k. ``ivfpq_rerank`` is IVF-PQ fetching
+``k * rerank`` candidates and re-scoring them exactly from float16 keys kept beside the codes
+(index_MiB then counts those keys too). Searches of at most 16 queries run FAISS
+single-threaded (see ``SemanticMemory.small_batch``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -56,6 +60,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-search", type=int, default=64)
+    ap.add_argument("--rerank", type=int, default=4, help="ivfpq_rerank fetches k*rerank PQ candidates")
     args = ap.parse_args()
     if args.quick:
         args.n, args.dim, args.queries, args.rounds = 20_000, 128, 500, 2
@@ -71,6 +76,8 @@ def main() -> None:
     stores = {
         "flat": SemanticMemory(**common, index_type="flat"),
         "ivfpq": SemanticMemory(**common, index_type="ivfpq", nlist=args.nlist, m=args.pq_m, nbits=8, nprobe=args.nprobe),
+        "ivfpq_rerank": SemanticMemory(**common, index_type="ivfpq", nlist=args.nlist, m=args.pq_m, nbits=8,
+                                       nprobe=args.nprobe, rerank=args.rerank),
         "hnsw": SemanticMemory(**common, index_type="hnsw", hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search),
     }
     add_s = {}
@@ -103,7 +110,8 @@ def main() -> None:
     for name, store in stores.items():
         qps = args.queries / statistics.median(times[name])
         rec = recall_at_k(results[name].ids, exact)
-        size_mb = store.state_dict()["index"].numel() / 2**20
+        state = store.state_dict()
+        size_mb = (state["index"].numel() + state["keys"].numel() * 2) / 2**20  # index (+ fp16 rerank keys)
         rows.append({
             "index": name,
             "add_vec_per_s": args.n / add_s[name],
@@ -124,7 +132,9 @@ def main() -> None:
     print(f"semantic memory: n={args.n} dim={args.dim} k={args.k} queries={args.queries} "
           f"faiss threads={faiss.omp_get_max_threads()}")
     print_table(rows)
-    print_result(figures, vars(args))
+    settings = dict(vars(args), loadavg_1m_at_end=round(os.getloadavg()[0], 2))
+    print(f"(1-minute load average at the end: {settings['loadavg_1m_at_end']} on {os.cpu_count()} cores)")
+    print_result(figures, settings)
 
 
 if __name__ == "__main__":
