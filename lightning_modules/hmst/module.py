@@ -1,0 +1,302 @@
+"""HMSTLanguageModel: stage-1 training of the Hierarchical Memory-State Transformer.
+
+- ``stateful``: trained on contiguous stream chunks; the Mamba state (episodic memory)
+  and the previous segment's pooled state are carried, detached, across chunks, and reset
+  at the first chunk of an epoch.
+- Loss = token cross-entropy + ``balance_loss_weight`` * Switch balance + ``z_loss_weight`` *
+  router z-loss + ``exit_loss_weight`` * cross-entropy of the early-exit head (deep
+  supervision) + ``critic_loss_weight`` * critic BCE on the rows whose verify gate fired.
+- Gates follow ``gate_schedule`` in training (probabilities per gate, sampled per row, so
+  every path is trained) and ``eval_gate_schedule`` in validation and generation; with
+  ``gate_mode``/``eval_gate_mode`` = ``sample`` or ``greedy`` the meta-controller decides.
+- Memory writes (training only): the exit-layer states of every ``mem_write_stride``-th
+  token become FAISS keys, their final hidden states the values and the preceding
+  ``mem_text_tokens`` tokens the source text; each stream row's segment summary goes to
+  the episodic store. ``ingest(text)`` writes documents the same way.
+- DDP policy: the semantic memory is replicated; every rank calls
+  ``SemanticMemory.replicated_add`` each step (an all-gather), so all replicas hold the
+  same ids, keys, values and texts in the same order and reads are identical. The episodic
+  store is rank-local (each rank's own streams); the checkpoint keeps rank 0's.
+- The stores live outside ``state_dict`` (they are not parameters or buffers, so DDP's
+  buffer broadcast never touches them) and travel in ``checkpoint["hmst_memory"]`` as
+  tensors and JSON strings (FAISS via serialize_index).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.hmst.model import HMSTConfig, HMSTModel, HMSTOutput
+from lightning_modules.language_model import IGNORE_INDEX, LanguageModel, detach_state
+from memlm.errors import MemLMError
+from memory.episodic import EpisodicStore
+from memory.semantic import SemanticMemory
+
+DEFAULT_TRAIN_SCHEDULE = {"exit": 0.05, "episodic": 0.9, "semantic": 0.9, "verify": 0.25, "expert_bias": 0.1}
+DEFAULT_EVAL_SCHEDULE = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
+
+
+class HMSTLanguageModel(LanguageModel):
+    stateful = True
+    max_seq_len = None  # recurrent episodic memory: unbounded context (attention keeps a block_size window)
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        d_model: int = 128,
+        d_ff: int = 256,
+        n_experts: int = 8,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        exit_layer: int | None = None,
+        dropout: float = 0.0,
+        ssm_layers: int = 1,
+        ssm_d_state: int = 16,
+        ssm_expand: int = 2,
+        ssm_d_conv: int = 4,
+        ssm_backend: str = "auto",
+        mem_top_k: int = 4,
+        mem_query_stride: int = 1,
+        mem_index_type: str = "flat",
+        mem_max_items: int | None = 65536,
+        mem_write: bool = True,
+        mem_write_stride: int = 4,
+        mem_text_tokens: int = 32,
+        episodic_capacity: int = 1024,
+        episodic_top_k: int = 2,
+        controller_hidden: int = 64,
+        critic_d_model: int = 128,
+        critic_layers: int = 2,
+        critic_heads: int = 4,
+        critic_max_len: int = 128,
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        exit_loss_weight: float = 0.3,
+        critic_loss_weight: float = 0.1,
+        gate_mode: str = "schedule",
+        gate_schedule: dict | str | None = None,
+        eval_gate_mode: str = "schedule",
+        eval_gate_schedule: dict | str | None = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__(vocab_size, learning_rate, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio)
+        self.save_hyperparameters()
+        self.config = HMSTConfig(
+            vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=d_ff,
+            n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor, exit_layer=exit_layer, dropout=dropout,
+            ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
+            ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, episodic_top_k=episodic_top_k,
+            controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
+            critic_heads=critic_heads, critic_max_len=critic_max_len,
+        )
+        self.model = HMSTModel(self.config)
+        self.gate_mode, self.eval_gate_mode = gate_mode, eval_gate_mode
+        self.train_schedule = DEFAULT_TRAIN_SCHEDULE if gate_schedule is None else gate_schedule
+        self.eval_schedule = DEFAULT_EVAL_SCHEDULE if eval_gate_schedule is None else eval_gate_schedule
+        self.mem_write, self.mem_write_stride, self.mem_text_tokens = mem_write, max(1, int(mem_write_stride)), mem_text_tokens
+        self.loss_weights = {"balance": balance_loss_weight, "router_z": z_loss_weight, "exit": exit_loss_weight,
+                        "critic": critic_loss_weight}
+        self.semantic = SemanticMemory(d_model, d_model, index_type=mem_index_type, max_items=mem_max_items)
+        d_inner = ssm_expand * d_model
+        self.episodic = EpisodicStore(episodic_capacity, (d_inner, ssm_d_state), d_model)
+        self._generating = False
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, state: Any = None, **kw) -> HMSTOutput:
+        training = self.training and not self._generating
+        kw.setdefault("gate_mode", self.gate_mode if training else self.eval_gate_mode)
+        kw.setdefault("schedule", self.train_schedule if training else self.eval_schedule)
+        kw.setdefault("use_cache", self._generating)
+        return self.model(input_ids, state=state, memory=self.semantic, episodic_store=self.episodic, **kw)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.config
+        counts = self.model.param_counts()
+        side = sum(p.numel() for p in self.model.critic.parameters()) + sum(p.numel() for p in self.model.controller.parameters())
+        active = counts["active"] - counts["embedding"] - side
+        return 6 * active + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    # -- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = batch["input_ids"], batch["targets"]
+        state = self.carried_state
+        if batch.get("first", False) or state is None or getattr(state, "batch_size", -1) != x.size(0):
+            state = None
+        out: HMSTOutput = self(x, state=state)
+        self.carried_state = detach_state(out.state)
+        n_tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
+        loss = self._token_losses(out.logits, y).sum() / n_tokens
+        self._check_finite(loss)
+        aux = {name: self.loss_weights[name] * value for name, value in out.aux_losses.items()}
+        if out.exit_logits is not None and self.loss_weights["exit"] > 0:
+            aux["exit"] = self.loss_weights["exit"] * self._token_losses(out.exit_logits, y).sum() / n_tokens
+        critic = self._critic_loss(x, out)
+        if critic is not None:
+            aux["critic"] = self.loss_weights["critic"] * critic
+        total = loss
+        for name, value in aux.items():
+            total = total + value
+            self.log(f"aux/{name}", value.detach().float(), on_step=True, on_epoch=False)
+        for name, value in out.metrics.items():
+            self.log(f"mem/{name}", value.detach().float() if torch.is_tensor(value) else float(value), on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self._write_memories(x, out)
+        self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
+        self.log("mem/episodic_items", float(len(self.episodic)), on_step=True, on_epoch=False)
+        return total
+
+    def _critic_loss(self, x: torch.Tensor, out: HMSTOutput) -> torch.Tensor | None:
+        """Stage-1 critic data from the stream itself: (prefix, true continuation) is correct,
+        (prefix, another row's continuation) is not; facts are the top retrieved memory texts."""
+        if self.loss_weights["critic"] <= 0 or out.decision is None:
+            return None
+        rows = torch.nonzero(out.decision.verify > 0.5).squeeze(1)
+        B, T = x.shape
+        if rows.numel() == 0 or B < 2 or T < 8:
+            return None
+        tq = T // 2
+        tr = min(T - tq, max(4, self.config.critic_max_len // 4))
+        q = x[rows, :tq]
+        pos = x[rows, tq:tq + tr]
+        neg = x[(rows + 1) % B, tq:tq + tr]
+        pad = self.tokenizer.pad_id if self.tokenizer is not None and self.tokenizer.pad_id is not None else -1
+        facts = self._fact_ids(out, rows, tq, pad, x.device)
+        crit = self.model.critic
+        res = crit(torch.cat([q, q]), torch.cat([pos, neg]), torch.cat([facts, facts]), pad_id=pad)
+        labels = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))]).to(x.device)
+        self.log("mem/critic_acc", ((res.p_correct > 0.5).float() == labels).float().mean(), on_step=True, on_epoch=False)
+        return crit.loss(res, labels)
+
+    def _fact_ids(self, out: HMSTOutput, rows, tq: int, pad: int, device) -> torch.Tensor:
+        width = max(0, self.config.critic_max_len // 4)
+        if out.retrieved_ids is None or self.tokenizer is None or pad < 0 or width == 0:
+            return torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+        stride = max(1, self.config.mem_query_stride)
+        qi = min((tq - 1) // stride, out.retrieved_ids.size(1) - 1)
+        texts = self.semantic.get_texts(out.retrieved_ids[rows, qi, 0].cpu())
+        enc = [self.tokenizer.encode(t)[-width:] if t else [] for t in texts]
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, e in enumerate(enc):
+            if e:
+                ids[i, : len(e)] = torch.tensor(e)
+        return ids.to(device)
+
+    # -- memory writes ---------------------------------------------------------------------------
+    def _segment_texts(self, x: torch.Tensor, positions: torch.Tensor) -> list[str] | None:
+        if self.tokenizer is None or self.mem_text_tokens <= 0:
+            return None
+        rows = x.detach().cpu().tolist()
+        out = []
+        for row in rows:
+            for t in positions.tolist():
+                out.append(self.tokenizer.decode(row[max(0, t - self.mem_text_tokens + 1): t + 1]))
+        return out
+
+    def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int):
+        T = x.size(1)
+        pos = torch.arange(stride - 1, T, stride, device=x.device)
+        keys = out.mem_keys[:, pos].reshape(-1, self.config.d_model)
+        values = out.hidden.detach()[:, pos].reshape(-1, self.config.d_model)
+        return keys, values, self._segment_texts(x, pos.cpu())
+
+    @torch.no_grad()
+    def _write_memories(self, x: torch.Tensor, out: HMSTOutput) -> None:
+        if self.mem_write:
+            keys, values, texts = self._memory_items(x, out, self.mem_write_stride)
+            self.semantic.replicated_add(keys.float(), values.float(), texts)
+        st = out.state
+        if st is not None and st.ssm:
+            T = x.size(1)
+            spans = [(st.pos - T, st.pos)] * x.size(0)
+            self.episodic.add_batch(st.ssm[-1][1].float(), out.pooled.detach().float(), spans)
+
+    # -- ingestion -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def ingest(self, text: str, stride: int | None = None) -> torch.Tensor:
+        """Write a document into the semantic memory; returns the new ids.
+
+        The text is tokenized and run through the model in block_size segments (the SSM
+        state carried across them); every ``stride``-th token (default mem_write_stride)
+        becomes one item keyed by its exit-layer state, valued by its final hidden state,
+        with the preceding ``mem_text_tokens`` tokens as its text.
+        """
+        if self.tokenizer is None:
+            raise MemLMError("this HMST module has no tokenizer; load it from a checkpoint (memlm.checkpoint.load_module)")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise MemLMError("nothing to ingest: the text is empty")
+        was_training = self.training
+        self.eval()
+        stride = self.mem_write_stride if stride is None else max(1, int(stride))
+        written = []
+        try:
+            state = None
+            x_all = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
+            for s in range(0, x_all.size(1), self.config.block_size):
+                x = x_all[:, s:s + self.config.block_size]
+                out = self(x, state=state)
+                state = out.state
+                if x.size(1) < stride:
+                    continue
+                keys, values, texts = self._memory_items(x, out, stride)
+                written.append(self.semantic.add(keys.float(), values.float(), texts))
+        finally:
+            self.train(was_training)
+        return torch.cat(written) if written else torch.zeros(0, dtype=torch.long)
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """As the base, with the attention KV cache (sliding block_size window) plus the SSM state."""
+        self._generating = True
+        try:
+            yield from super().generate(*args, **kwargs)
+        finally:
+            self._generating = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._generating = False
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["hmst_memory"] = {"semantic": self.semantic.state_dict(), "episodic": self.episodic.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        mem = checkpoint.get("hmst_memory")
+        if mem:
+            self.semantic.load_state_dict(mem["semantic"])
+            self.episodic.load_state_dict(mem["episodic"])
+
+    def memory_report(self) -> dict:
+        return {"semantic_items": len(self.semantic), "episodic_items": len(self.episodic),
+                "semantic_index": self.semantic.index_type}
+
+    def verify(self, query_ids: list[int], response_ids: list[int], k: int = 1) -> dict:
+        """Critic verdict on a (query, response) pair with the top-k retrieved memory texts as facts."""
+        dev = self.device
+        q = torch.tensor([query_ids], dtype=torch.long, device=dev)
+        r = torch.tensor([response_ids], dtype=torch.long, device=dev)
+        facts: list[int] = []
+        texts: list[str] = []
+        with torch.no_grad():
+            if len(self.semantic) and self.tokenizer is not None:
+                out = self(q[:, -self.config.block_size:])
+                res = self.semantic.search(out.mem_keys[0, -1:].float(), k)
+                texts = [t for t in self.semantic.get_texts(res.ids[0].cpu()) if t]
+                for t in texts:
+                    facts.extend(self.tokenizer.encode(t))
+            f = torch.tensor([facts], dtype=torch.long, device=dev) if facts else torch.zeros(1, 0, dtype=torch.long, device=dev)
+            pad = self.tokenizer.pad_id if self.tokenizer is not None and self.tokenizer.pad_id is not None else -1
+            res = self.model.critic(q, r, f, pad_id=pad)
+        return {"p_correct": float(res.p_correct[0]), "confidence": float(res.confidence[0]), "facts": texts}
