@@ -67,7 +67,16 @@ class MemLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("memlm") or {}
         if meta.get("tokenizer"):
-            self.set_tokenizer(TextTokenizer.from_json(meta["tokenizer"]))
+            tok = TextTokenizer.from_json(meta["tokenizer"])
+            # fit/validate --ckpt_path: setup() already took the datamodule's tokenizer; the
+            # data must have been tokenized by the checkpoint's tokenizer.
+            if self.tokenizer is not None and self.tokenizer.fingerprint() != tok.fingerprint():
+                raise MemLMError(
+                    "the datamodule's tokenizer differs from the checkpoint's tokenizer "
+                    f"({self.tokenizer.fingerprint()} vs {tok.fingerprint()}); point --data.tokenizer at the "
+                    "checkpoint's tokenizer (python -m memlm.checkpoint export-tokenizer CKPT OUT.json)"
+                )
+            self.set_tokenizer(tok)
 
     # -- bits per byte ----------------------------------------------------------------
     def bytes_of(self, targets: torch.Tensor) -> torch.Tensor:
