@@ -96,6 +96,21 @@ class MemLMCLI(LightningCLI):
         except ArgumentError as exc:
             raise MemLMError(_one_line_parse_error(str(exc))) from exc
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the checkpoint's hyperparameters here; a corrupt or foreign file is a user error."""
+        from jsonargparse import ArgumentError
+
+        from memlm.checkpoint import read_checkpoint
+
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(str(ckpt)).is_file():
+            read_checkpoint(ckpt)  # MemLMError if unreadable or not written by MemLM
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as exc:
+            raise MemLMError(f"checkpoint {ckpt} does not fit this config: {_one_line_parse_error(str(exc))}") from exc
+
     # -- run directory ----------------------------------------------------------------------
     def _sub_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
