@@ -18,12 +18,14 @@ One step (unit ``y`` arrives), rate neurons with a threshold:
        only when the context predicts nothing.
     2. inside column ``y``, neurons that the last winners alone drive to ``threshold`` were
        *predicted in context*: the k of them with the most context drive win
-       (k-winners-take-all inhibition) and become active. Otherwise the column *bursts*: all
-       its neurons become active and one winner is chosen to learn the new context - a neuron
-       the last winners already reach (sub-threshold) if any, else the least used one
-       (homeostasis spreads contexts over the column; ties are broken by a deterministic
-       hash, so a run is reproducible and resumable). The first unit of an utterance (no
-       context) always uses its column's first neuron.
+       (k-winners-take-all inhibition) and become active. Otherwise the column *bursts*: one
+       winner is chosen to learn the new context - a neuron the last winners already reach
+       (sub-threshold) if any, else the least used one (homeostasis spreads contexts over the
+       column; ties are broken by a deterministic hash, so a run is reproducible and
+       resumable) - and k-winners-take-all inhibition lets it fire together with the k-1
+       neurons of the column that the general context drives most (the most used ones when
+       nothing drives them): the contexts this unit was seen in, for generalisation. The
+       first unit of an utterance (no context) always uses its column's first neuron.
     3. plasticity, local to the synapses between recent and current winners:
        - depression of mispredictions: synapses from the last winners onto neurons predicted
          in context whose column did not fire, ``w *= 1 - lr * depression``;
@@ -268,11 +270,26 @@ def _run(ids, learn, targets, weights, usage, alive, drive_0, touched_0, drive_c
                         bc = c
                 state[_HASH_STEP] += 1
             # no context at all (start of an utterance): always the column's first neuron
-            for c in range(C):
-                new_active[c] = base + c
-            nn_act = C
             new_winners[0] = base + bc
             nn_win = 1
+            # the burst: k-winners-take-all over the column by general drive (then usage); the
+            # learning winner always fires
+            chosen[bc] = True
+            new_active[0] = base + bc
+            nn_act = 1
+            for _ in range(min(k_win, C) - 1):
+                bj = -1
+                bs = -1.0
+                for c in range(C):
+                    v = drive_g[base + c] + 1e-6 * usage[base + c]
+                    if not chosen[c] and v > bs:
+                        bs = v
+                        bj = c
+                if bj < 0:
+                    break
+                chosen[bj] = True
+                new_active[nn_act] = base + bj
+                nn_act += 1
         # 3. plasticity
         if learn:
             state[_LEARN_STEPS] += 1
