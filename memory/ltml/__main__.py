@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from memory.ltml.store import Store
 
-    readonly = args.cmd not in ("sleep", "log")
+    readonly = args.cmd != "log"  # only 'log' may create a new database
     store = Store(args.db, readonly=readonly)
     try:
         if args.cmd == "sleep":

@@ -38,6 +38,11 @@ _EXPLICIT = re.compile(
 _LESSON = re.compile(
     r"\b(lesson|learned|learnt|note to self|in the future|next time|from now on|always|never|make sure|should|must)\b", re.I
 )
+_DISCOURSE = re.compile(
+    r"^(?:(?:oh|so|well|btw|by the way|just so you know|fyi|for the record|actually|also|and|anyway|oh and|"
+    r"quick update|update|news|guess what)[,:!.]?\s+)+",
+    re.I,
+)
 _SPLIT_SENT = re.compile(r"(?<=[.!?;])\s+|\n+")
 _SPLIT_CLAUSE = re.compile(r",?\s+(?:and|but|so|while)\s+(?=(?:i|my|i'm|i've)\b)", re.I)
 _TRAIL = re.compile(r"[\s,.;:!]+$")
@@ -51,7 +56,7 @@ _TAIL_FILLER = re.compile(
 _ATTR_NORMAL = [
     (re.compile(r"\bfavourite\b"), "favorite"),
     (re.compile(r"\bcolour\b"), "color"),
-    (re.compile(r"\b(?:current|new|old|actual|present)\s+"), ""),
+    (re.compile(r"\b(?:current|new|old|actual|present|main|primary|usual)\s+"), ""),
 ]
 
 _PATTERNS: list[tuple[re.Pattern, str]] = [
@@ -190,6 +195,9 @@ def extract_rules(text: str, role: str = "user") -> list[Candidate]:
         return []
     out: list[Candidate] = []
     for clause in clauses(text):
+        clause = _DISCOURSE.sub("", clause).strip()
+        if not clause:
+            continue
         explicit = False
         m = _EXPLICIT.match(clause)
         if m:

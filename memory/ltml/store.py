@@ -312,6 +312,17 @@ class Store:
             raise MemLMError(f"no memory with id {memory_id}; list them with python -m memory.ltml list --db {self.path}")
         return _row_to_memory(row)
 
+    def get_many(self, memory_ids: Iterable[int], with_embeddings: bool = False) -> list[Memory]:
+        """Memories by id, in the order given (missing ids are skipped)."""
+        ids = [int(i) for i in memory_ids]
+        if not ids:
+            return []
+        cols = _MEM_COLS if with_embeddings else _MEM_COLS.replace("embedding", "NULL")
+        with self._lock:
+            rows = self.conn.execute(f"SELECT {cols} FROM memories WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
+        found = {r[0]: _row_to_memory(r) for r in rows}
+        return [found[i] for i in ids if i in found]
+
     def by_subject(self, subject: str) -> list[Memory]:
         with self._lock:
             rows = self.conn.execute(

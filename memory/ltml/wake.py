@@ -96,7 +96,7 @@ def rank(
         qv = embedder.encode([query])[0]
         ids, sims = index.search(qv, cfg.candidates)
         rel = {int(i): max(0.0, float(s)) for i, s in zip(ids, sims)}
-        mems = [m for m in (store.get(i) for i in rel) if m.active]
+        mems = [m for m in store.get_many(rel) if m.active]
         mems = [m for m in mems if rel[m.id] >= cfg.min_relevance]
     else:
         rel = {}
