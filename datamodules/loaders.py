@@ -5,9 +5,9 @@ by rank is explicit, and ``state_dict()/load_state_dict()`` let Lightning store 
 position in the checkpoint so a resumed run sees exactly the batches an uninterrupted
 run would have seen.
 
-Lightning's training fetcher pre-fetches one batch, so when a checkpoint is written
-after ``c`` consumed batches the loader has produced ``c + 1`` (or exactly ``c`` once it
-is exhausted). ``state_dict`` reports consumed batches accordingly.
+The loaders have a length, and Lightning's fetcher does not pre-fetch from an iterable
+whose length it knows, so when a checkpoint is written after ``c`` consumed batches the
+loader has produced exactly ``c``; ``state_dict`` reports that number.
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ class _ResumableLoader:
         self._exhausted = True
 
     def state_dict(self) -> dict:
-        consumed = self._produced if self._exhausted else max(0, self._produced - 1)
-        return {"epoch": self._epoch, "consumed": consumed}
+        return {"epoch": self._epoch, "consumed": self._produced}
 
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state.get("consumed", 0))
