@@ -64,6 +64,39 @@ def _one_line_parse_error(message: str) -> str:
     return f"{text[:400]}; see python train.py fit --help"
 
 
+def _appending_writer(log_dir: str):
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        """Keeps an existing metrics.csv (Lightning's writer deletes it) and appends to it."""
+
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                    header = fh.readline().strip()
+                self.metrics_keys = sorted(k for k in header.split(",") if k)
+
+    return AppendingWriter(log_dir=log_dir)
+
+
+def _appending_csv_logger_class():
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class AppendingCSVLogger(CSVLogger):
+        """CSV logger for a resumed run: the curve before the checkpoint stays in metrics.csv."""
+
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _appending_writer(self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger
+
+
 class MemLMCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -148,7 +181,9 @@ class MemLMCLI(LightningCLI):
             if kind == "none":
                 return False
             if kind == "csv":
-                out.append(loggers.CSVLogger(save_dir=str(self.run_dir), name="", version=""))
+                resuming = bool(self._sub_config().get("ckpt_path"))
+                cls = _appending_csv_logger_class() if resuming else loggers.CSVLogger
+                out.append(cls(save_dir=str(self.run_dir), name="", version=""))
             elif kind == "tensorboard":
                 out.append(loggers.TensorBoardLogger(save_dir=str(self.run_dir), name="", version="", default_hp_metric=False))
             elif kind == "wandb":
