@@ -175,12 +175,14 @@ def run_ltml(db: Path, sessions, current, stale, embedder, budget: int, k: int) 
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     after = store.stats()
     hits, stales, para_hits = 0, 0, 0
-    tokens, lat = [], []
-    cfg = WakeConfig(budget_tokens=budget, top_k=k)
+    tokens, lat, tokens_deployed = [], [], []
+    cfg = WakeConfig(budget_tokens=budget, top_k=k, core_k=0)  # recall@k: exactly the k query-ranked memories
+    deployed = WakeConfig(budget_tokens=budget)  # what chat.py injects (top 8 + 2 core memories)
     for subj, (question, *_rest) in FACTS.items():
         t = time.perf_counter()
         inj = wake(store, embedder, question, cfg, now=now, touch=False)
         lat.append(time.perf_counter() - t)
+        tokens_deployed.append(wake(store, embedder, question, deployed, now=now, touch=False).tokens)
         hit, st = score([it.memory.text for it in inj.items], current[subj], stale[subj])
         hits += hit
         stales += st
@@ -190,7 +192,7 @@ def run_ltml(db: Path, sessions, current, stale, embedder, budget: int, k: int) 
     store.close()
     n = len(FACTS)
     return {"recall@5": hits / n, "recall@5_para": para_hits / n, "stale_rate": stales / n,
-            "tokens_per_turn": float(np.mean(tokens)),
+            "tokens_per_turn": float(np.mean(tokens)), "tokens_per_turn_deployed": float(np.mean(tokens_deployed)),
             "raw_rows": before["interactions"], "raw_bytes": before["interaction_bytes"],
             "memory_rows": after["active_memories"], "memory_bytes": after["active_memory_bytes"],
             "superseded": after["superseded_memories"], "archived": after["archived_memories"],
@@ -268,6 +270,7 @@ def main() -> int:
         "ltml_recall_at_5": lt["recall@5"], "ltml_recall_at_5_paraphrased": lt["recall@5_para"],
         "ltml_stale_rate": lt["stale_rate"],
         "ltml_tokens_per_turn": lt["tokens_per_turn"],
+        "ltml_tokens_per_turn_deployed": float(np.mean([r["tokens_per_turn_deployed"] for r in ltml_all])),
         "ltml_hash_recall_at_5": lh["recall@5"], "ltml_hash_recall_at_5_paraphrased": lh["recall@5_para"], "ltml_hash_stale_rate": lh["stale_rate"],
         "raw_rag_recall_at_5": base["recall@5"], "raw_rag_recall_at_5_paraphrased": base["recall@5_para"], "raw_rag_stale_rate": base["stale_rate"],
         "raw_rag_tokens_per_turn": base["tokens_per_turn"],

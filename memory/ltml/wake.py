@@ -10,7 +10,9 @@ Agents, configurable):
 - importance = the value sleep stored (recency, frequency, novelty, explicit, LLM rating);
 - recency    = 0.5 ** (days since last mention or access / ``recency_half_life_days``).
 
-With a query, memories below ``min_relevance`` are skipped unless explicit. The chosen
+With a query, the ``top_k`` best memories above ``min_relevance`` are taken, plus the
+``core_k`` best memories without a query (importance and recency alone: explicit requests,
+lessons, often-repeated facts), which is also what is injected at session start. The chosen
 memories are rendered as a bullet list under a header and added in score order while the
 block fits ``budget_tokens``; tokens are counted by ``count_tokens`` (the local model's
 tokenizer) or by :func:`estimate_tokens` (about 1.3 tokens per word, the usual BPE rate
@@ -48,6 +50,9 @@ class WakeConfig:
     top_k: int = 8
     candidates: int = 64
     min_relevance: float = 0.2
+    #: "core" memories added to every turn whatever the query: the best by importance and
+    #: recency alone (explicit requests, lessons, often-repeated facts), as at session start
+    core_k: int = 2
 
 
 @dataclass
@@ -132,10 +137,14 @@ def wake(
     """Pick and render memories for ``query`` within the token budget; note their use."""
     cfg = config or WakeConfig()
     count = count_tokens or estimate_tokens
-    ranked = rank(store, embedder, query, now, cfg, index)
+    ranked = rank(store, embedder, query, now, cfg, index)[: cfg.top_k]
+    if query and cfg.core_k > 0:
+        have = {it.memory.id for it in ranked}
+        core = [it for it in rank(store, embedder, None, now, cfg, index) if it.memory.id not in have]
+        ranked += core[: cfg.core_k]
     chosen: list[Injected] = []
     skipped = 0
-    for it in ranked[: cfg.top_k]:
+    for it in ranked:
         trial = chosen + [it]
         if count(render(trial)) <= cfg.budget_tokens:
             it.tokens = count(f"- {it.memory.text}")

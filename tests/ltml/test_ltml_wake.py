@@ -158,3 +158,17 @@ def test_lightning_callback_consolidates_at_train_end(tmp_path):
         assert s.stats()["pending_interactions"] == 0
         assert {m.value for m in s.memories()} == {"Tromsø", "brown cheese"}
         assert s.conn.execute("SELECT COUNT(*) FROM sleep_runs WHERE finished_at IS NOT NULL").fetchone()[0] >= 2
+
+
+def test_core_memories_ride_along_with_every_turn(tmp_path):
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["Remember that I always want answers in French.", "I have a parrot named Kiwi."], day=0)
+    for day in (1, 2, 3):
+        log_session(s, ["I have a parrot named Kiwi."], day=day)
+    sleep(s, emb, now=T0 + 4 * DAY)
+    with_core = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=2), now=T0 + 4 * DAY, touch=False)
+    assert "French" in with_core.text and "Kiwi" in with_core.text
+    without = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=0), now=T0 + 4 * DAY, touch=False)
+    assert "French" not in without.text and "Kiwi" in without.text
+    s.close()

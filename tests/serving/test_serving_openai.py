@@ -313,3 +313,17 @@ def test_chat_local_checkpoint_prompt_loop_memory_and_errors(tiny_ckpt, backend,
     missing = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x"],
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+
+
+def test_chat_learner_hebbian_dispatches_lazily(monkeypatch):
+    import types
+
+    import chat
+
+    calls = []
+    fake = types.ModuleType("lightning_modules.hebbian.chat")
+    fake.run_hebbian_chat = lambda state, url, model, prompt: calls.append((state, url, model, prompt)) or 0
+    monkeypatch.setitem(sys.modules, "lightning_modules.hebbian.chat", fake)
+    assert chat.main(["--learner", "hebbian", "--teacher-url", "http://127.0.0.1:1/v1", "--teacher-model", "t",
+                      "--prompt", "hi"]) == 0
+    assert calls == [(os.path.expanduser("~/.memlm/hebbian_state.pt"), "http://127.0.0.1:1/v1", "t", "hi")]
