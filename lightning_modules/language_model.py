@@ -181,12 +181,14 @@ class LanguageModel(MemLMModule):
             nll = sums.nll.compute()
             suffix = "" if idx == 0 else f"_{names[idx] if names and idx < len(names) else idx}"
             loss = nll / tokens
-            self.log(f"{split}/loss{suffix}", loss, prog_bar=(idx == 0 and split == "val"))
-            self.log(f"{split}/ppl{suffix}", torch.exp(loss.clamp(max=50)))
+            # The sums are already all-reduced by torchmetrics; sync_dist only averages equal values.
+            kw = {"sync_dist": True}
+            self.log(f"{split}/loss{suffix}", loss, prog_bar=(idx == 0 and split == "val"), **kw)
+            self.log(f"{split}/ppl{suffix}", torch.exp(loss.clamp(max=50)), **kw)
             nbytes = sums.bytes.compute()
             if torch.isfinite(nbytes) and nbytes > 0:
-                self.log(f"{split}/bpb{suffix}", nll / (LN2 * nbytes))
-            self.log(f"{split}/acc{suffix}", sums.correct.compute() / tokens)
+                self.log(f"{split}/bpb{suffix}", nll / (LN2 * nbytes), **kw)
+            self.log(f"{split}/acc{suffix}", sums.correct.compute() / tokens, **kw)
             sums.reset()
         self.eval_state = None
 
