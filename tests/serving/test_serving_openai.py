@@ -327,3 +327,29 @@ def test_chat_learner_hebbian_dispatches_lazily(monkeypatch):
     assert chat.main(["--learner", "hebbian", "--teacher-url", "http://127.0.0.1:1/v1", "--teacher-model", "t",
                       "--prompt", "hi"]) == 0
     assert calls == [(os.path.expanduser("~/.memlm/hebbian_state.pt"), "http://127.0.0.1:1/v1", "t", "hi")]
+
+
+def test_ltml_embedders_over_the_server_and_the_checkpoint(server, backend):
+    from memory.ltml.embeddings import get_embedder
+
+    remote = get_embedder("openai", base_url=server, api_key=API_KEY)
+    local = get_embedder("module", module=backend.module)
+    assert remote.name == "openai:tiny" and local.name == "ckpt:memlm" and remote.dim == local.dim == 32
+    texts = ["I live in Oslo.", "my cat is Miso"]
+    np.testing.assert_allclose(remote.encode(texts), local.encode(texts), rtol=1e-4, atol=1e-5)
+
+
+def test_chat_with_remote_backend_and_memory_falls_back_to_rules(server, tmp_path, capsys):
+    import chat
+
+    db = tmp_path / "remote.sqlite"
+    # the tiny server cannot follow the extraction prompt (and caps max_tokens): sleep must still consolidate
+    assert chat.main(["--base-url", server, "--api-key", API_KEY, "--memory", str(db), "--embedder", "hash",
+                      "--prompt", "I live in Oslo.", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    from memory.ltml.store import Store
+
+    with Store(db) as s:
+        assert [m.value for m in s.memories()] == ["Oslo"]
+        (run,) = s.conn.execute("SELECT stats FROM sleep_runs").fetchall()
+        assert '"rule_batches": 1' in run[0]
+    assert "LLM extraction failed" in capsys.readouterr().err
