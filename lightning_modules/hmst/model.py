@@ -292,6 +292,22 @@ class HMSTModel(nn.Module):
         vals = store.get(slots.reshape(-1))["pooled"].view(query.size(0), slots.size(1), -1).to(query.device, query.dtype)
         return vals.unsqueeze(1).expand(-1, Tq, -1, -1)  # [B, Tq, k', D]
 
+    def _segmented(self, ids, state, memory, store, gate_mode, schedule, decision, return_exit_logits, generator):
+        """Longer inputs without a KV cache: consecutive block_size segments, state carried
+        (exactly what stream training does)."""
+        outs = []
+        for s in range(0, ids.size(1), self.cfg.block_size):
+            out = self(ids[:, s:s + self.cfg.block_size], state, memory, store, gate_mode, schedule, decision,
+                       False, return_exit_logits, generator)
+            state = out.state
+            outs.append(out)
+        last = outs[-1]
+        cat = lambda name: None if getattr(last, name) is None else torch.cat([getattr(o, name) for o in outs], 1)  # noqa: E731
+        last.logits, last.hidden, last.mem_keys = cat("logits"), cat("hidden"), cat("mem_keys")
+        last.exit_logits = cat("exit_logits") if all(o.exit_logits is not None for o in outs) else None
+        last.retrieved_ids = cat("retrieved_ids") if all(o.retrieved_ids is not None for o in outs) else None
+        return last
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -316,10 +332,8 @@ class HMSTModel(nn.Module):
         kv = state.kv if use_cache else None
         start = kv.length if kv is not None else 0
         if kv is None and T > cfg.block_size:
-            raise MemLMError(
-                f"segment of {T} tokens exceeds the attention window block_size={cfg.block_size}; feed longer text "
-                "as consecutive segments (the SSM state carries across them) or raise model.block_size"
-            )
+            return self._segmented(input_ids, state, memory, episodic_store, gate_mode, schedule, decision,
+                                   return_exit_logits, generator)
         cos, sin = self.rope(start, T, dev)
         want_exit_logits = self.training if return_exit_logits is None else return_exit_logits
 
