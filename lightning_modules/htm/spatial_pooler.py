@@ -6,7 +6,8 @@ State (all numpy, see :meth:`SpatialPooler.state_dict`):
 - ``perm`` float32 [C, I]: permanences, zero outside the potential pool;
 - ``boost`` float32 [C]; ``active_duty`` / ``overlap_duty`` / ``min_overlap_duty`` float32 [C];
 - ``tie`` float32 [C]: a fixed tiny per-column tie-breaker for the inhibition ranking;
-- ``counters`` int64 [2]: iteration (compute calls) and learning iterations;
+- ``counters`` int64 [2]: learning iterations (twice, as htm.core keeps iteration and
+  learning iteration apart; inference counts nothing, so learning off changes no state);
 - ``conn_t`` uint8 [I, C] is derived (connected = perm >= synPermConnected, transposed for
   a contiguous overlap loop) and rebuilt on load, not saved.
 
@@ -25,7 +26,7 @@ One step (BAMI "Spatial Pooling Algorithm Details"):
 7. every ``update_period`` learning steps minOverlapDuty = minPctOverlapDutyCycles *
    max(overlap duty) (global inhibition).
 
-Learning off leaves every array unchanged except the iteration counter.
+Learning off leaves every array unchanged.
 """
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def _sp_run(
                     out_cols[pos] = c
                     pos += 1
         out_off[t + 1] = pos
-        counters[0] += 1
         if learn:
+            counters[0] += 1
             counters[1] += 1
             it = counters[1]
             # 3. permanence learning on the winners' potential synapses

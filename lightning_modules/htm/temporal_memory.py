@@ -362,7 +362,7 @@ def _tm_run(
     match_segs = np.empty(seg_cap, dtype=np.int64)
     match_col = np.empty(seg_cap, dtype=np.int64)
     new_active = np.empty(n_cells, dtype=np.int32)
-    new_winners = np.empty(n_columns, dtype=np.int32)
+    new_winners = np.empty(n_cells, dtype=np.int32)  # a predicted column can have several winners
 
     n_pa = n_prev[0]
     n_pw = n_prev[1]
@@ -499,7 +499,8 @@ def _tm_run(
         pos_w += n_win
         out_active_off[t + 1] = pos_a
         out_winners_off[t + 1] = pos_w
-        counters[C_ITER] += 1
+        if learn:
+            counters[C_ITER] += 1
         # 5. activate segments for the next step
         nt, na, nm = _activate(prev_active, n_pa, learn, segs, seg_counts, syns, perm, cell_first_syn, counters,
                                fparams, iparams, touched, nt, act_segs, match_segs)
@@ -628,6 +629,7 @@ class TemporalMemory:
         initial_segment_capacity: int = 1024,
         initial_synapse_capacity: int = 16384,
         defrag_min: int = 4096,
+        defrag_ratio: int = 4,
     ):
         if min_threshold < 1 or activation_threshold < 1:
             raise MemLMError("temporal memory thresholds must be >= 1; raise min_threshold / activation_threshold")
@@ -653,6 +655,7 @@ class TemporalMemory:
         self.cell_nseg = np.zeros(self.num_cells, dtype=np.int32)
         self.counters = np.zeros(9, dtype=np.int64)
         self.defrag_min = int(defrag_min)
+        self.defrag_ratio = int(defrag_ratio)
         seed64 = (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64) or 1
         self.rng = np.array([seed64], dtype=np.uint64)
         self.stream = StreamState.empty()
@@ -701,7 +704,7 @@ class TemporalMemory:
 
     def _maybe_defragment(self) -> None:
         c = self.counters
-        if c[C_SYN_CREATED] - c[C_SYN_AT_DEFRAG] >= max(self.defrag_min, int(c[C_NSYN]) // 4):
+        if c[C_SYN_CREATED] - c[C_SYN_AT_DEFRAG] >= max(self.defrag_min, int(c[C_NSYN]) // self.defrag_ratio):
             self.defragment()
 
     # -- compute -------------------------------------------------------------------------
@@ -719,7 +722,7 @@ class TemporalMemory:
         cpc = self.cells_per_column
         out_active = np.empty(max(1, int(cols_off[-1]) * cpc), dtype=np.int32)
         out_active_off = np.zeros(n_steps + 1, dtype=np.int64)
-        out_winners = np.empty(max(1, int(cols_off[-1])), dtype=np.int32)
+        out_winners = np.empty(max(1, int(cols_off[-1]) * cpc), dtype=np.int32)
         out_winners_off = np.zeros(n_steps + 1, dtype=np.int64)
         out_anomaly = np.zeros(n_steps, dtype=np.float32)
         cap = max(self.num_cells, max_cols * cpc, 1)
@@ -734,12 +737,14 @@ class TemporalMemory:
         syn_res = np.zeros(1, dtype=np.int64)
         if learn:
             self._maybe_defragment()
+        # inference draws its tie-breaks from a copy: learning off changes no state at all
+        rng = self.rng if learn else self.rng.copy()
         t = 0
         while True:
             done = _tm_run(
                 cols_flat, cols_off[t:], bool(learn), self.columns, self.fparams, self.iparams,
                 self.segs, self.seg_counts, self.syns, self.perm, self.cell_first_syn, self.cell_first_seg,
-                self.cell_nseg, self.seg_free, self.syn_free, self.counters, self.rng,
+                self.cell_nseg, self.seg_free, self.syn_free, self.counters, rng,
                 prev_active, prev_winners, n_prev,
                 out_active, out_active_off[t:], out_winners, out_winners_off[t:], out_anomaly[t:], predictive, n_pred,
                 seg_res, syn_res,

@@ -1,0 +1,315 @@
+"""``HTMLanguageModel``: encoder -> spatial pooler -> temporal memory -> SDR classifier.
+
+No backprop and no optimizer (``automatic_optimization = False``; ``configure_optimizers``
+returns None). Every training step feeds each row of the batch, in order, through the
+pipeline with learning on; validation and generation run with learning off and leave the
+learned state untouched.
+
+Streams: with ``sampler: stream`` row b of consecutive batches continues stream b. The
+learned connections are shared by all rows; the only per-stream state of the temporal
+memory is (previous active cells, previous winner cells), kept per row (separately for
+training and validation) and swapped in before the row is processed. Rows are processed
+one after another (row 0's chunk, then row 1's chunk, ...), exactly as if the streams
+were read in turn, and every row starts from its own previous context. The per-row state
+is cleared when ``batch["first"]`` is set (start of an epoch) and at validation start.
+
+Everything the model has learned lives in numpy arrays outside ``nn.Parameter`` and is
+stored as tensors in ``checkpoint["htm_state"]`` (no pickle); loading restores it exactly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from lightning_modules.base import LN2, MemLMModule, sample_next
+from lightning_modules.htm.classifier import SDRClassifier
+from lightning_modules.htm.encoder import TokenEncoder
+from lightning_modules.htm.spatial_pooler import SpatialPooler
+from lightning_modules.htm.temporal_memory import StreamState, TemporalMemory
+from memlm.errors import MemLMError
+
+
+def _to_tensors(state: dict) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in state.items()}
+
+
+def _to_numpy(state: dict) -> dict:
+    return {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in state.items()}
+
+
+class HTMLanguageModel(MemLMModule):
+    """Hierarchical Temporal Memory language model trained online without backprop.
+
+    Encoder: ``encoder_size`` bits, ``encoder_active_bits`` active, ``encoder_overlap`` of
+    them shared through character n-grams. Spatial pooler (``use_spatial_pooler``):
+    ``columns`` columns, ``sp_density`` active. Without it the encoder bits are the active
+    columns (``columns`` must then equal ``encoder_size``). Temporal memory and classifier
+    arguments carry htm.core's names in snake case. ``classifier_input`` picks the bits the
+    classifier reads: ``active`` cells or ``winners`` (one cell per active column).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        encoder_size: int = 1024,
+        encoder_active_bits: int = 40,
+        encoder_overlap: float = 0.0,
+        encoder_ngram: int = 3,
+        use_spatial_pooler: bool = True,
+        sp_learn: bool = True,
+        columns: int = 1024,
+        potential_pct: float = 0.5,
+        sp_density: float = 0.04,
+        stimulus_threshold: float = 0.0,
+        syn_perm_active_inc: float = 0.05,
+        syn_perm_inactive_dec: float = 0.008,
+        syn_perm_connected: float = 0.1,
+        min_pct_overlap_duty_cycles: float = 0.001,
+        duty_cycle_period: int = 1000,
+        boost_strength: float = 0.0,
+        cells_per_column: int = 16,
+        activation_threshold: int = 13,
+        min_threshold: int = 10,
+        initial_permanence: float = 0.21,
+        connected_permanence: float = 0.5,
+        max_new_synapse_count: int = 20,
+        permanence_increment: float = 0.1,
+        permanence_decrement: float = 0.1,
+        predicted_segment_decrement: float = 0.004,
+        max_segments_per_cell: int = 255,
+        max_synapses_per_segment: int = 255,
+        classifier_alpha: float = 2.0,
+        classifier_input: Literal["active", "winners"] = "winners",
+        prob_floor: float = 1e-5,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if classifier_input not in ("active", "winners"):
+            raise MemLMError(f"classifier_input={classifier_input!r}: use active or winners")
+        if not use_spatial_pooler and columns != encoder_size:
+            raise MemLMError(
+                f"without the spatial pooler the encoder bits are the columns: set columns={encoder_size} "
+                f"(= encoder_size) or use_spatial_pooler: true"
+            )
+        self.vocab_size = int(vocab_size)
+        self.encoder = TokenEncoder(encoder_size, encoder_active_bits, seed, encoder_overlap, encoder_ngram)
+        self.encoder_table: np.ndarray | None = None  # [V, active_bits], built on first use, saved
+        self.sp = (
+            SpatialPooler(
+                encoder_size, columns, potential_pct=potential_pct, density=sp_density,
+                stimulus_threshold=stimulus_threshold, syn_perm_active_inc=syn_perm_active_inc,
+                syn_perm_inactive_dec=syn_perm_inactive_dec, syn_perm_connected=syn_perm_connected,
+                min_pct_overlap_duty_cycles=min_pct_overlap_duty_cycles, duty_cycle_period=duty_cycle_period,
+                boost_strength=boost_strength, seed=seed,
+            )
+            if use_spatial_pooler
+            else None
+        )
+        self.tm = TemporalMemory(
+            columns, cells_per_column, activation_threshold=activation_threshold, min_threshold=min_threshold,
+            initial_permanence=initial_permanence, connected_permanence=connected_permanence,
+            max_new_synapse_count=max_new_synapse_count, permanence_increment=permanence_increment,
+            permanence_decrement=permanence_decrement, predicted_segment_decrement=predicted_segment_decrement,
+            max_segments_per_cell=max_segments_per_cell, max_synapses_per_segment=max_synapses_per_segment, seed=seed,
+        )
+        n_in = columns * cells_per_column
+        self.classifier = SDRClassifier(n_in, self.vocab_size, alpha=classifier_alpha, prob_floor=prob_floor)
+        self.sp_learn = bool(sp_learn)
+        self.classifier_input = classifier_input
+        self._streams: dict[str, list[StreamState]] = {"train": [], "val": []}
+        self._val: dict[str, float] = {}
+
+    # -- Lightning plumbing ------------------------------------------------------------
+    def configure_optimizers(self):
+        return None
+
+    def _table(self) -> np.ndarray:
+        if self.encoder_table is None:
+            texts = None
+            if self.encoder.overlap > 0 and self.tokenizer is not None:
+                texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.tokenizer.vocab_size)]
+            self.encoder_table = self.encoder.table(self.vocab_size, texts)
+        return self.encoder_table
+
+    # -- the pipeline --------------------------------------------------------------------
+    def process(self, tokens: np.ndarray, targets: np.ndarray, learn: bool, want_logp: bool = False):
+        """Feed one stream chunk through encoder, SP, TM and classifier (TM stream state = self.tm.stream).
+
+        Returns (nll[T], argmax[T], anomaly[T], logp[T,V] or None): at step t the classifier
+        reads the cells after token t and predicts targets[t] (then learns it if ``learn``)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise MemLMError(f"token id outside 0..{self.vocab_size - 1}; use the model's tokenizer")
+        table = self._table()
+        w = table.shape[1]
+        flat = table[tokens].reshape(-1)
+        off = np.arange(len(tokens) + 1, dtype=np.int64) * w
+        if self.sp is not None:
+            flat, off = self.sp.run(flat, off, learn=learn and self.sp_learn)
+        out = self.tm.run(flat, off, learn=learn)
+        if self.classifier_input == "active":
+            bits, bits_off = out.active, out.active_off
+        else:
+            bits, bits_off = out.winners, out.winners_off
+        nll, pred, logp = self.classifier.run(bits, bits_off, targets, learn=learn, want_logp=want_logp)
+        return nll, pred, out.anomaly, logp
+
+    def _run_batch(self, batch: dict, mode: str, learn: bool) -> dict:
+        x = batch["input_ids"].detach().cpu().numpy()
+        y = batch["targets"].detach().cpu().numpy()
+        states = self._streams[mode]
+        if batch.get("first") or not batch.get("stream") or len(states) != x.shape[0]:
+            states = [StreamState.empty() for _ in range(x.shape[0])]
+        nll_sum = correct = count = 0.0
+        anomaly = []
+        saved = self.tm.stream
+        for b in range(x.shape[0]):
+            self.tm.stream = states[b]
+            nll, pred, an, _ = self.process(x[b], y[b], learn=learn)
+            states[b] = self.tm.stream
+            valid = y[b] >= 0
+            nll_sum += float(nll[valid].sum())
+            correct += float((pred[valid] == y[b][valid]).sum())
+            count += float(valid.sum())
+            anomaly.append(an)
+        self.tm.stream = saved
+        self._streams[mode] = states if batch.get("stream") else []
+        return {"nll": nll_sum, "correct": correct, "count": count, "anomaly": float(np.concatenate(anomaly).mean())}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        t0 = time.perf_counter()
+        r = self._run_batch(batch, "train", learn=True)
+        n = max(r["count"], 1.0)
+        self.log("train/loss", r["nll"] / n, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/acc", r["correct"] / n, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("mem/anomaly", r["anomaly"], prog_bar=True, on_step=True, on_epoch=False)
+        self.log("mem/segments", float(self.tm.num_segments), on_step=True, on_epoch=False)
+        self.log("mem/synapses", float(self.tm.num_synapses), on_step=True, on_epoch=False)
+        if self._trainer is not None:
+            # no optimizer steps in manual optimization: count the HTM update as the step so
+            # trainer.max_steps, val_check_interval and the logged step behave as usual
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+        callbacks = getattr(self.trainer, "callbacks", []) if self._trainer is not None else []
+        if not any(type(c).__name__ == "TokenThroughput" for c in callbacks):
+            tps = batch["input_ids"].numel() / max(time.perf_counter() - t0, 1e-9)
+            self.log("train/tokens_per_sec", tps, on_step=True, on_epoch=False)
+        return None
+
+    def on_validation_epoch_start(self) -> None:
+        self._streams["val"] = []
+        self._val = {"nll": 0.0, "correct": 0.0, "count": 0.0, "bytes": 0.0, "anomaly": 0.0, "batches": 0.0}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        r = self._run_batch(batch, "val", learn=False)
+        v = self._val
+        for k in ("nll", "correct", "count"):
+            v[k] += r[k]
+        v["anomaly"] += r["anomaly"]
+        v["batches"] += 1
+        v["bytes"] += float(self.bytes_of(batch["targets"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        if not v or v["count"] == 0:
+            return
+        loss = v["nll"] / v["count"]
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", math.exp(min(loss, 50.0)))
+        if v["bytes"] > 0 and not math.isnan(v["bytes"]):
+            self.log("val/bpb", v["nll"] / (LN2 * v["bytes"]), prog_bar=True)
+        self.log("val/acc", v["correct"] / v["count"])
+        self.log("mem/val_anomaly", v["anomaly"] / max(v["batches"], 1.0))
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def htm_state(self) -> dict:
+        """All learned state as tensors (nested dicts), as stored in ``checkpoint["htm_state"]``."""
+        state = {
+            "encoder_table": torch.from_numpy(self._table().copy()),
+            "tm": _to_tensors(self.tm.state_dict()),
+            "classifier": _to_tensors(self.classifier.state_dict()),
+            "train_streams": [_to_tensors({"active": s.active, "winners": s.winners}) for s in self._streams["train"]],
+        }
+        if self.sp is not None:
+            state["sp"] = _to_tensors(self.sp.state_dict())
+        return state
+
+    def load_htm_state(self, state: dict) -> None:
+        if state is None:
+            raise MemLMError("checkpoint has no htm_state; it was not written by HTMLanguageModel")
+        table = state["encoder_table"].cpu().numpy().astype(np.int32)
+        if table.shape != (self.vocab_size, self.encoder.active_bits):
+            raise MemLMError(f"encoder table shape {tuple(table.shape)} does not fit this model; use the checkpoint's config")
+        self.encoder_table = table
+        if self.sp is not None:
+            if "sp" not in state:
+                raise MemLMError("checkpoint has no spatial pooler state; set use_spatial_pooler: false")
+            self.sp.load_state_dict(_to_numpy(state["sp"]))
+        self.tm.load_state_dict(_to_numpy(state["tm"]))
+        self.classifier.load_state_dict(_to_numpy(state["classifier"]))
+        self._streams["train"] = [
+            StreamState(s["active"].numpy().astype(np.int32), s["winners"].numpy().astype(np.int32))
+            for s in state.get("train_streams", [])
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["htm_state"] = self.htm_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.load_htm_state(checkpoint.get("htm_state"))
+
+    # -- chat protocol ----------------------------------------------------------------------
+    @torch.no_grad()
+    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        """log p(next token | ids) from a fresh context, learning off."""
+        saved = self.tm.stream
+        self.tm.reset()
+        try:
+            ids_np = np.asarray(ids, dtype=np.int64)
+            _, _, _, logp = self.process(ids_np, np.full(len(ids_np), -1), learn=False, want_logp=True)
+        finally:
+            self.tm.stream = saved
+        return torch.from_numpy(logp[-1]).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Feed the prompt with learning off, then sample from the classifier and feed the sample back.
+
+        Only a private copy of the per-step cell state changes; the learned state does not."""
+        ids = [int(i) for i in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+        if not ids:
+            ids = [eos_id if eos_id is not None else 0]
+        saved = self.tm.stream
+        self.tm.reset()
+        try:
+            ids_np = np.asarray(ids, dtype=np.int64)
+            _, _, _, logp = self.process(ids_np, np.full(len(ids_np), -1), learn=False, want_logp=True)
+            last = torch.from_numpy(logp[-1]).float()
+            for _ in range(int(max_new_tokens)):
+                nxt = int(sample_next(last[None], temperature, top_k, top_p, generator)[0])
+                yield nxt
+                if eos_id is not None and nxt == eos_id:
+                    break
+                _, _, _, logp = self.process(np.array([nxt]), np.array([-1]), learn=False, want_logp=True)
+                last = torch.from_numpy(logp[-1]).float()
+        finally:
+            self.tm.stream = saved
