@@ -232,9 +232,20 @@ class MemLMCLI(LightningCLI):
                     mode="min" if monitor and ("loss" in monitor or "bpb" in monitor or "ppl" in monitor) else "max",
                     save_top_k=1 if monitor else 0,
                     save_last=True,
-                    every_n_train_steps=cfg.run.ckpt_every_n_steps,
                 )
             )
+            if cfg.run.ckpt_every_n_steps:
+                # Lightning defers a monitored checkpoint until its metric exists (the next
+                # validation); the periodic last.ckpt must not wait, so it has no monitor.
+                cbs.append(
+                    ModelCheckpoint(
+                        dirpath=str(self.run_dir / "checkpoints"),
+                        monitor=None,
+                        save_top_k=0,
+                        save_last=True,
+                        every_n_train_steps=cfg.run.ckpt_every_n_steps,
+                    )
+                )
         if not any(isinstance(c, TokenThroughput) for c in cbs):
             cbs.append(TokenThroughput())
         config["callbacks"] = cbs
