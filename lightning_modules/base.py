@@ -57,6 +57,14 @@ class MemLMModule(L.LightningModule):
         self.set_tokenizer(tok)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never overwrite the last good checkpoint with non-finite weights (e.g. an overflow
+        # in the backward pass that the loss check did not see); raising here aborts the write.
+        bad = [n for n, p in self.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise MemLMError(
+                f"model weights became non-finite ({bad[0]}) at global step {self.global_step}; training stopped "
+                "and the last good checkpoint was kept (lower model.learning_rate or add trainer.gradient_clip_val)"
+            )
         cls = type(self)
         checkpoint["memlm"] = {
             "format": CHECKPOINT_FORMAT,
