@@ -10,6 +10,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_modules.hmst.controller import GATES
 from lightning_modules.hmst.module import HMSTLanguageModel
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster and immune to CPU oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
 
 

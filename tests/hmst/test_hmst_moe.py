@@ -1,7 +1,17 @@
 """HMST Mixture-of-Experts: sparse dispatch vs a dense reference, balance and z losses, capacity."""
+import pytest
 import torch
 
 from lightning_modules.hmst.moe import MoEFeedForward, load_balance_loss, router_z_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster and immune to CPU oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _moe(**kw):

@@ -12,6 +12,15 @@ from lightning_modules.hmst.ssm import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster and immune to CPU oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(b=2, d=5, l=37, n=4, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
