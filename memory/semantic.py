@@ -152,6 +152,13 @@ class SemanticMemory:
         self.nlist, self.m, self.nbits, self.hnsw_m = int(nlist), int(m), int(nbits), int(hnsw_m)
         self.nprobe = int(nprobe)
         self.train_size = int(train_size) if train_size is not None else 39 * max(self.nlist, 2**self.nbits)
+        if index_type == "ivfpq" and max_items is not None:
+            if max_items < max(self.nlist, 2**self.nbits):
+                raise MemLMError(
+                    f"ivfpq with max_items={max_items} cannot train {self.nlist} lists / {2**self.nbits} codes; "
+                    "use index_type flat for a store this small, or lower nlist/nbits"
+                )
+            self.train_size = min(self.train_size, int(max_items))  # a bounded store must still reach training
         self.hnsw_ef_search = int(hnsw_ef_search)
         self.hnsw_ef_construction = int(hnsw_ef_construction)
         self.deterministic = bool(deterministic)

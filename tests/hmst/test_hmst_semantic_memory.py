@@ -265,3 +265,13 @@ def test_ivfpq_rerank_restores_exact_ordering_and_persists():
     assert torch.equal(other.search(q, 5).ids, res.ids)
     with pytest.raises(MemLMError):
         make("flat", rerank=2)
+
+
+def test_bounded_ivfpq_still_trains():
+    mem = make("ivfpq", max_items=300, train_size=None)
+    assert mem.train_size == 300
+    for step in range(4):
+        mem.add(*data(100, seed=step))
+    assert mem.is_trained and len(mem) == 300 and torch.equal(mem.ids(), torch.arange(100, 400))
+    with pytest.raises(MemLMError):
+        make("ivfpq", max_items=10)
