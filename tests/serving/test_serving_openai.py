@@ -250,6 +250,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch + lightning: ~15 s idle, more on a busy machine
 def test_serve_cli_and_chat_cli_talk_over_loopback(tiny_ckpt, backend):
     """The real entry points as a user runs them: serve.py in one process, chat.py in another."""
     port = _free_port()
