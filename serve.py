@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hmac
 import json
 import os
 import sys
@@ -168,7 +169,7 @@ def create_app(state: ServerState):
         if request.url.path.startswith("/v1"):
             if state.api_key:
                 auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {state.api_key}":
+                if not hmac.compare_digest(auth.encode(), f"Bearer {state.api_key}".encode()):
                     err = APIError(401, "Incorrect API key provided; pass Authorization: Bearer KEY",
                                    "invalid_request_error", code="invalid_api_key")
                     return JSONResponse(err.body(), status_code=401)

@@ -106,3 +106,29 @@ def test_restore_brings_back_an_archived_memory_with_history(tmp_path):
         s.restore(mid, at=5.0)
         assert [m.id for m in s.memories()] == [mid]
         assert [h[2] for h in s.history(mid)] == ["add", "restore"]
+
+
+def test_command_line_tools(tmp_path, capsys):
+    from memory.ltml.__main__ import main
+
+    db = str(tmp_path / "cli.sqlite")
+    with pytest.raises(MemLMError, match="not found"):
+        main(["sleep", "--db", db, "--embedder", "hash"])
+    assert main(["log", "--db", db, "--text", "I live in Oslo.", "--at", "1700000000"]) == 0
+    assert main(["log", "--db", db, "--text", "I moved to Bergen.", "--at", "1700100000"]) == 0
+    capsys.readouterr()
+    assert main(["sleep", "--db", db, "--embedder", "hash", "--now", "1700200000"]) == 0
+    assert "2 interactions, 2 added, 0 merged, 1 superseded" in capsys.readouterr().out
+    main(["list", "--db", db, "--all"])
+    out = capsys.readouterr().out
+    assert "superseded" in out and "active" in out and "Bergen" in out
+    main(["history", "--db", db, "1"])
+    assert "supersede" in capsys.readouterr().out
+    main(["wake", "--db", db, "--embedder", "hash", "--query", "where do I live?"])
+    assert "- The user lives in Bergen." in capsys.readouterr().out
+    main(["stats", "--db", db])
+    assert '"superseded_memories": 1' in capsys.readouterr().out
+    with pytest.raises(MemLMError, match="not archived"):
+        main(["restore", "--db", db, "2"])
+    main(["reindex", "--db", db, "--embedder", "hash"])
+    assert "indexed 1 memories" in capsys.readouterr().out
