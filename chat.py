@@ -99,8 +99,12 @@ class Chat:
             from memory.ltml.wake import WakeConfig
 
             count = backend.count_tokens if hasattr(backend, "tokenizer") else None
+            budget = args.memory_budget
+            limit = getattr(backend, "context_limit", None)
+            if limit:  # a short-context model keeps at least half its window for the conversation
+                budget = min(budget, max(0, (limit - args.max_new_tokens) // 2))
             self.memory = LTMLMemory(args.memory, embedder=args.embedder, backend=backend, count_tokens=count,
-                                     wake_config=WakeConfig(budget_tokens=args.memory_budget),
+                                     wake_config=WakeConfig(budget_tokens=budget),
                                      log=lambda m: print(m, file=self.err))
             self.session = self.memory.start_session(backend.name)
             print(f"[memory] {args.memory}: embedder {self.memory.embedder.name}", file=self.err)

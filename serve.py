@@ -401,8 +401,11 @@ def build_state(args) -> ServerState:
         from memory.ltml.session import LTMLMemory
         from memory.ltml.wake import WakeConfig
 
+        budget = args.memory_budget
+        if backend.context_limit:  # a short-context model keeps at least half its window for the conversation
+            budget = min(budget, max(0, (backend.context_limit - args.default_max_tokens) // 2))
         memory = LTMLMemory(args.memory, embedder=args.embedder, backend=backend, count_tokens=backend.count_tokens,
-                            wake_config=WakeConfig(budget_tokens=args.memory_budget),
+                            wake_config=WakeConfig(budget_tokens=budget),
                             log=lambda m: print(m, file=sys.stderr))
         print(f"ltml: memory {args.memory} (embedder {memory.embedder.name})", file=sys.stderr)
     return ServerState(backend, name, api_key=args.api_key or os.environ.get("MEMLM_API_KEY") or None,

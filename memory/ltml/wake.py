@@ -30,7 +30,7 @@ from memory.ltml.index import MemoryIndex
 from memory.ltml.store import Memory, Store
 
 DAY = 86400.0
-HEADER = "Long-term memory (from earlier conversations with this user; newer facts replace older ones):"
+HEADER = "Memories of this user from earlier chats (newer facts win):"
 
 
 def estimate_tokens(text: str) -> int:

@@ -74,7 +74,7 @@ def test_explain_says_what_and_why_and_use_is_counted(slept, minilm):
     inj = wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, touch=False)
     text = inj.explain()
     assert "Bergen" in text and "relevance" in text and "importance" in text and "recency" in text
-    assert inj.text.startswith("Long-term memory") and "- The user lives in Bergen." in inj.text
+    assert inj.text.startswith("Memories of this user") and "- The user lives in Bergen." in inj.text
     mid = inj.items[0].memory.id
     assert slept.get(mid).access_count == 0
     wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)
@@ -91,7 +91,7 @@ def test_ltml_memory_prepares_messages_logs_turns_and_sleeps_when_idle(tmp_path)
     msgs, inj = mem.prepare([{"role": "user", "content": "what is my parrot called?"}])
     assert msgs[0]["role"] == "system" and "Kiwi" in msgs[0]["content"] and msgs[1]["role"] == "user"
     msgs, _ = mem.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "my parrot?"}])
-    assert msgs[0]["content"].startswith("Be brief.\n\nLong-term memory") and len(msgs) == 2
+    assert msgs[0]["content"].startswith("Be brief.\n\nMemories of this user") and len(msgs) == 2
     assert "Kiwi" in mem.session_start_injection().text
     mem.close()
 
