@@ -188,7 +188,21 @@ class HebbianLanguageModel(MemLMModule):
         self.log_dict(stats, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/vocab", stats["train/vocab_size"], prog_bar=True, on_step=True, batch_size=n, logger=False)
         self.log("train/acc_bar", stats["train/acc"], prog_bar=True, on_step=True, batch_size=n, logger=False)
+        self._count_learning_step()
         return None
+
+    def _count_learning_step(self) -> None:
+        """Count each learned batch as one step: with manual optimization and no optimizer,
+        Lightning's ``global_step`` counts optimizer steps and would stay 0, so ``max_steps``,
+        step-based checkpointing and the logged step axis would not work."""
+        if self._trainer is None:
+            return
+        try:
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        except AttributeError:  # a Lightning version with another loop layout: steps stay uncounted
+            return
+        progress.increment_ready()
+        progress.increment_completed()
 
     def on_validation_epoch_start(self) -> None:
         self._val = [0, 0, 0.0, 0]
