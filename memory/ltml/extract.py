@@ -89,6 +89,8 @@ class Candidate:
     #: what gets embedded: the statement in the user's own first-person form, which is how
     #: the user will later ask about it ("where do I live?" ~ "I live in Berlin")
     embed_text: str | None = None
+    #: index of the source message within the batch (LLM extraction), when known
+    source: int | None = None
 
     def __post_init__(self) -> None:
         if self.embed_text is None:
@@ -224,7 +226,8 @@ LLM_PROMPT = (
     "their preferences, and lessons for future conversations. Ignore small talk. Reply with only a JSON list; each item "
     'is {"text": a short third-person sentence, "kind": "fact" | "preference" | "lesson", "subject": a short snake_case '
     'key for what the statement is about (e.g. "user.home", "user.favorite_color") or null, "value": the value or null, '
-    '"importance": 1-10}. Reply [] if nothing is worth remembering.\n\nConversation:\n'
+    '"importance": 1-10, "source": the [number] of the message it comes from}. Reply [] if nothing is worth '
+    "remembering.\n\nConversation:\n"
 )
 
 
@@ -250,17 +253,20 @@ def parse_llm_items(reply: str) -> list[Candidate] | None:
             imp = min(10.0, max(1.0, float(it.get("importance", 5)))) / 10.0
         except (TypeError, ValueError):
             imp = None
-        out.append(
-            Candidate(
-                it["text"].strip(), kind, _norm_key(subject).replace("user_", "user.", 1) if subject else None,
-                str(value) if value is not None else None, llm_importance=imp,
-            )
+        cand = Candidate(
+            it["text"].strip(), kind, _norm_key(subject).replace("user_", "user.", 1) if subject else None,
+            str(value) if value is not None else None, llm_importance=imp,
         )
+        src = it.get("source")
+        if isinstance(src, str) and src.strip().strip("[]").isdigit():
+            src = int(src.strip().strip("[]"))
+        cand.source = src if isinstance(src, int) and not isinstance(src, bool) else None
+        out.append(cand)
     return out
 
 
 def extract_llm(messages: list[tuple[str, str]], backend) -> list[Candidate] | None:
     """Ask ``backend`` (a :class:`memlm.chat_backends.ChatBackend`) to extract memories."""
-    convo = "\n".join(f"{role}: {content}" for role, content in messages)
+    convo = "\n".join(f"[{i}] {role}: {content}" for i, (role, content) in enumerate(messages))
     reply = backend.chat([{"role": "user", "content": LLM_PROMPT + convo}], max_tokens=512, temperature=0.0)
     return parse_llm_items(reply)

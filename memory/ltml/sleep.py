@@ -266,9 +266,10 @@ def sleep(
         if llm_cands is not None:
             stats["llm_batches"] += 1
             last_user = [r for r in batch if r[2] == "user"] or batch
-            for cand in llm_cands:
-                cand.interaction_id, cand.at = last_user[-1][0], last_user[-1][4]
-            cands = llm_cands
+            for cand in llm_cands:  # provenance: the message the LLM cites, else the batch's last user message
+                row = batch[cand.source] if cand.source is not None and 0 <= cand.source < len(batch) else last_user[-1]
+                cand.interaction_id, cand.at = row[0], row[4]
+            cands = sorted(llm_cands, key=lambda c: c.at)  # older statements first, so newer ones supersede them
         else:
             stats["rule_batches"] += 1
             for iid, _sid, role, content, at in batch:

@@ -189,6 +189,17 @@ def test_llm_extraction_is_used_when_a_backend_is_configured(tmp_path):
     stats = sleep(s2, HashEmbedder(), backend=_StubLLM("I cannot do that."), now=T0 + DAY)
     assert stats["rule_batches"] == 1 and [m.value for m in s2.memories()] == ["green"]
     assert parse_llm_items("[{\"text\": 3}]") == []
+    # provenance and time order come from the message the LLM cites, whatever order it lists items in
+    s3 = Store(tmp_path / "m3.sqlite")
+    ids = log_session(s3, ["I live in Paris.", "Hello!", "Actually I moved to Rome."], day=0)
+    llm = _StubLLM('[{"text": "The user lives in Rome.", "subject": "user.home", "value": "Rome", "source": 2}, '
+                   '{"text": "The user lives in Paris.", "subject": "user.home", "value": "Paris", "source": "[0]"}]')
+    sleep(s3, HashEmbedder(), backend=llm, now=T0 + DAY)
+    assert "[0] user: I live in Paris." in llm.prompts[0] and "[2] user: Actually I moved to Rome." in llm.prompts[0]
+    (home,) = s3.memories()
+    assert home.value == "Rome" and home.provenance == [ids[2]]
+    (paris,) = [m for m in s3.memories(active_only=False) if m.value == "Paris"]
+    assert paris.provenance == [ids[0]] and paris.superseded_by == home.id
 
 
 def _cli(db, *extra, env=None):
