@@ -228,6 +228,9 @@ def create_app(state: ServerState):
         gen_kw = dict(max_tokens=params["max_tokens"], temperature=params["temperature"], top_k=params["top_k"],
                       top_p=params["top_p"], seed=params["seed"], stop=stops)
 
+        # which memories were injected, for streaming clients too (ids in score order)
+        ltml_headers = {"x-ltml-injected": ",".join(str(it.memory.id) for it in injection.items)} if injection else None
+
         def remember(reply: str) -> None:
             if state.memory is not None and user_text:
                 state.memory.record(session, user_text, reply)
@@ -251,7 +254,7 @@ def create_app(state: ServerState):
                 yield "data: [DONE]\n\n"
                 remember("".join(pieces))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(events(), media_type="text/event-stream", headers=ltml_headers)
 
         def run() -> tuple[str, dict]:
             info: dict = {}
@@ -271,7 +274,7 @@ def create_app(state: ServerState):
             resp["ltml"] = {"tokens": injection.tokens, "injected": [
                 {"id": it.memory.id, "text": it.memory.text, "score": round(it.score, 4), "relevance": round(it.relevance, 4),
                  "importance": round(it.importance, 4), "recency": round(it.recency, 4)} for it in injection.items]}
-        return resp
+        return JSONResponse(resp, headers=ltml_headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

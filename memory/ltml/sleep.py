@@ -278,10 +278,15 @@ def sleep(
                     cands.append(cand)
         vecs = embedder.encode([c.embed_text or c.text for c in cands]) if cands else np.zeros((0, 1), np.float32)
         with store.transaction() as conn:
+            # another process (a CLI sleep beside a chat's idle sleep) may have consolidated some rows meanwhile
+            ids = [r[0] for r in batch]
+            still = {r[0] for r in conn.execute(
+                f"SELECT id FROM interactions WHERE consolidated=0 AND id IN ({','.join('?' * len(ids))})", ids)}
             active = _Active(store)
             for cand, vec in zip(cands, vecs):
-                _integrate(store, active, cand, vec, dup, run, stats)
-            conn.executemany("UPDATE interactions SET consolidated=1 WHERE id=?", [(r[0],) for r in batch])
+                if cand.interaction_id is None or cand.interaction_id in still:
+                    _integrate(store, active, cand, vec, dup, run, stats)
+            conn.executemany("UPDATE interactions SET consolidated=1 WHERE id=?", [(i,) for i in still])
             conn.execute("UPDATE sleep_runs SET phase='extract' WHERE id=?", (run,))
         stats["interactions"] += len(batch)
         stats["candidates"] += len(cands)

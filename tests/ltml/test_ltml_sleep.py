@@ -255,3 +255,26 @@ def test_kill_during_sleep_loses_nothing_and_rerun_equals_uninterrupted(tmp_path
         assert [h[:2] for h in snap_a[1]] == [h[:2] for h in snap_b[1]]
         assert a.stats()["pending_interactions"] == 0
         assert [m.value for m in a.memories() if m.subject == "user.home"] == ["Rome"]
+
+
+def test_two_concurrent_sleepers_do_not_double_count(tmp_path):
+    import threading
+
+    db = tmp_path / "two.sqlite"
+    s = Store(db)
+    for day in range(6):
+        log_session(s, ["My favourite tea is jasmine.", f"I repaired bicycle number {day} in my garage today."], day=day)
+    s.close()
+    stores = [Store(db), Store(db)]
+    threads = [threading.Thread(target=sleep, args=(st, HashEmbedder()), kwargs={"now": T0 + 7 * DAY,
+               "config": SleepConfig(batch_size=2)}) for st in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with Store(db) as s:
+        tea = [m for m in s.memories() if m.subject == "user.favorite_tea"]
+        assert len(tea) == 1 and tea[0].mention_count == 6 and len(tea[0].provenance) == 6
+        assert s.stats()["pending_interactions"] == 0
+    for st in stores:
+        st.close()

@@ -225,6 +225,12 @@ def test_server_with_ltml_memory_injects_and_logs(tmp_path, backend):
         assert r.status_code == 200, r.text
         injected = r.json()["ltml"]["injected"]
         assert injected and "teal" in injected[0]["text"]
+        assert r.headers["x-ltml-injected"].split(",")[0] == str(injected[0]["id"])
+        with httpx.stream("POST", f"{url}/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "my favourite colour?"}], "max_tokens": 2,
+                "stream": True}, timeout=60) as streamed:
+            assert streamed.headers["x-ltml-injected"] == r.headers["x-ltml-injected"]
+            assert streamed.read().decode().rstrip().endswith("data: [DONE]")
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "I live in Oslo."}], max_tokens=4,
                                   temperature=0, user="alice")
