@@ -102,6 +102,13 @@ class MiniLMEmbedder:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise MemLMError("the MiniLM embedder needs sentence-transformers (pip install sentence-transformers)") from exc
+        try:  # a chat prompt is no place for weight-loading progress bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
         self.model = SentenceTransformer(path, device=device)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim() or 384)
