@@ -55,6 +55,7 @@ import torch
 
 NO_TARGET = -1
 NO_CONTEXT = -2  # prediction code: nothing was active before this step
+RETIRE_SWEEP = 32  # retired columns whose incoming synapses are cleared together
 
 try:  # pragma: no cover - depends on the environment
     if os.environ.get("MEMLM_HEBBIAN_NO_JIT", "") not in ("", "0"):
@@ -412,6 +413,7 @@ class ColumnNetwork:
         self._hist_n = np.zeros(m, dtype=np.int64)
         self._state = np.zeros(_STATE_LEN, dtype=np.int64)
         self.abs_change = 0.0  # sum |dw| over the life of the network
+        self._pending_retired = 0
         self._allocate(0)
         self.grow(n_units)
 
@@ -504,7 +506,8 @@ class ColumnNetwork:
         return extra
 
     def retire(self, unit_ids: list[int]) -> None:
-        """Silence the columns of removed units: their synapses in and out are cleared."""
+        """Silence the columns of removed units: outgoing synapses are cleared now, incoming ones
+        in batches of ``RETIRE_SWEEP`` units (until then they only point at masked columns)."""
         units = np.array(sorted({int(u) for u in unit_ids if 0 <= int(u) < self.n_units}), dtype=np.int64)
         if units.size == 0:
             return
@@ -513,10 +516,18 @@ class ColumnNetwork:
         cells = (units[:, None] * self.C + np.arange(self.C)).ravel()
         self._targets[cells] = NO_TARGET
         self._weights[cells] = 0.0
-        t = self._targets[: self.n_neurons]
-        incoming = (t >= 0) & np.isin(np.maximum(t, 0) // self.C, units)
-        t[incoming] = NO_TARGET
-        self._weights[: self.n_neurons][incoming] = 0.0
+        self._pending_retired += int(units.size)
+        if self._pending_retired >= RETIRE_SWEEP:
+            self.sweep_retired()
+
+    def sweep_retired(self) -> None:
+        """Clear every synapse that points into a retired column."""
+        n = self.n_neurons
+        t = self._targets[:n]
+        dead = (t >= 0) & ~self._alive[np.maximum(t, 0) // self.C]
+        t[dead] = NO_TARGET
+        self._weights[:n][dead] = 0.0
+        self._pending_retired = 0
 
     # -- state --------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -597,6 +608,7 @@ class ColumnNetwork:
             "hist_n": torch.from_numpy(self._hist_n.copy()),
             "state": torch.from_numpy(self._state.copy()),
             "abs_change": torch.tensor(self.abs_change, dtype=torch.float64),
+            "pending_retired": torch.tensor(self._pending_retired, dtype=torch.int64),
         }
 
     def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
@@ -618,4 +630,5 @@ class ColumnNetwork:
         self._state[:] = st["state"].numpy()
         self._state[[_N_T0, _N_TC, _N_TG]] = 0  # the drives are rebuilt from the active set and the trace
         self.abs_change = float(st["abs_change"])
+        self._pending_retired = int(st["pending_retired"]) if "pending_retired" in st else 0
         self._refresh()

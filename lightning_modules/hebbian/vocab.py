@@ -100,6 +100,9 @@ class GrowingVocab:
         self.step = 0  # number of observed texts
         self.removed: list[int] = []
         self._max_len = 1
+        self._evict_queue: list[int] | None = None  # cached usage ranking (persisted for exact resume)
+        self._evict_built = 0
+        self._evict_pos = 0
 
         for s in SPECIAL_UNITS:
             self._add(s, KIND_SPECIAL)
@@ -149,9 +152,8 @@ class GrowingVocab:
         self.lookup.pop(text, None)
         self.usage.pop(uid, None)
         self.usage_step.pop(uid, None)
-        self.pair_counts = {p: c for p, c in self.pair_counts.items() if uid not in p}
         self.removed.append(uid)
-        self._max_len = max((len(t) for i, t in self.units.items() if self.kinds[i] != KIND_SPECIAL), default=1)
+        # pair counts that mention uid are dropped lazily (observe() skips pairs of removed units)
 
     def forget(self, below: float | None = None) -> list[int]:
         """Remove learned units whose decayed usage is below ``below`` (default ``forget_below``)."""
@@ -217,7 +219,10 @@ class GrowingVocab:
             if c >= self.merge_threshold:
                 candidates.add((a, b))
         if len(counts) > self.max_pair_entries:
-            self.pair_counts = counts = {p: c / 2 for p, c in counts.items() if c >= 2}
+            units = self.units
+            self.pair_counts = counts = {
+                p: c / 2 for p, c in counts.items() if c >= 2 and p[0] in units and p[1] in units
+            }
         # pairs of this utterance that reached the threshold, most frequent first
         ready = sorted(((counts[p], p) for p in candidates if p in counts), key=lambda cp: (-cp[0], cp[1]))
         made = 0
@@ -233,8 +238,9 @@ class GrowingVocab:
                 counts.pop((a, b), None)
                 continue
             if len(self.units) >= self.max_vocab_size:
-                victim = self._eviction_candidate(exclude=in_text)
-                if victim is None or self.usage_of(victim) >= c:
+                # evict only a unit used clearly less than the new pair (hysteresis against churn)
+                victim = self._eviction_candidate(exclude=in_text, below=c / 2.0)
+                if victim is None:
                     break
                 self.remove(victim)
                 removed.append(victim)
@@ -245,15 +251,24 @@ class GrowingVocab:
             made += 1
         return new_units, removed
 
-    def _eviction_candidate(self, exclude: set[int]) -> int | None:
-        best, best_use = None, float("inf")
-        for u, k in self.kinds.items():
-            if k != KIND_MERGED or u in exclude:
+    def _eviction_candidate(self, exclude: set[int], below: float) -> int | None:
+        """The least used learned unit if its usage is below ``below``. The usage ranking is
+        rebuilt every 100 observations (amortised; a stale entry is re-checked before use)."""
+        if self._evict_queue is None or self.step - self._evict_built >= 100 or self._evict_pos >= len(self._evict_queue):
+            merged = [u for u, k in self.kinds.items() if k == KIND_MERGED]
+            self._evict_queue = sorted(merged, key=lambda u: (self.usage_of(u), u))
+            self._evict_built, self._evict_pos = self.step, 0
+        queue = self._evict_queue
+        while self._evict_pos < len(queue):
+            u = queue[self._evict_pos]
+            if u not in self.units or u in exclude:
+                self._evict_pos += 1
                 continue
-            use = self.usage_of(u)
-            if use < best_use:
-                best, best_use = u, use
-        return best
+            if self.usage_of(u) < below:
+                self._evict_pos += 1
+                return u
+            return None
+        return None
 
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes per id (specials: <eos> stands for one separator byte, others 0)."""
@@ -284,6 +299,7 @@ class GrowingVocab:
                 "next_id": self.next_id,
                 "step": self.step,
                 "removed": self.removed,
+                "evict": [self._evict_built, self._evict_pos, self._evict_queue],
             },
             ensure_ascii=False,
         )
@@ -303,6 +319,9 @@ class GrowingVocab:
             vocab.next_id = int(data["next_id"])
             vocab.step = int(data["step"])
             vocab.removed = [int(i) for i in data["removed"]]
+            built, pos, queue = data.get("evict", [0, 0, None])
+            vocab._evict_built, vocab._evict_pos = int(built), int(pos)
+            vocab._evict_queue = [int(i) for i in queue] if queue is not None else None
         except (ValueError, KeyError, TypeError) as exc:
             raise MemLMError(f"corrupt Hebbian vocabulary payload ({exc}); delete the state file to start afresh") from exc
         vocab._max_len = max(

@@ -96,6 +96,7 @@ def test_retire_clears_synapses_in_and_out():
         net.reset()
         net.feed([2, 5, 6, 7], learn=True)
     net.retire([6])
+    net.sweep_retired()
     C = net.C
     assert float(net.weights[6 * C : 7 * C].abs().sum()) == 0.0
     assert not bool(((net.targets // C) == 6).any())
