@@ -56,11 +56,11 @@ def parse_args(argv=None):
     mem.add_argument("--explain", action="store_true", help="show which memories were injected and why")
     args = p.parse_args(argv)
     if args.learner is None and not args.ckpt and not args.base_url:
-        p.error("pass --ckpt PATH or --base-url URL (or --learner hebbian)")
+        raise MemLMError("nothing to chat with: pass --ckpt PATH or --base-url URL (or --learner hebbian)")
     if args.ckpt and args.base_url:
-        p.error("pass either --ckpt or --base-url, not both")
+        raise MemLMError("pass either --ckpt or --base-url, not both")
     if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
+        raise MemLMError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return args
 
 

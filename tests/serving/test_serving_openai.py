@@ -316,6 +316,8 @@ def test_chat_local_checkpoint_prompt_loop_memory_and_errors(tiny_ckpt, backend,
     assert "The user has a cat named Miso." in capsys.readouterr().err
     with pytest.raises(MemLMError, match="cannot reach"):
         chat.main(["--base-url", f"http://127.0.0.1:{_free_port()}", "--prompt", "x"])
+    with pytest.raises(MemLMError, match="nothing to chat with"):
+        chat.main([])
     # user errors through the real entry point: one 'error:' line, exit code 2
     missing = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--ckpt", str(tmp_path / "nope.ckpt"), "--prompt", "x"],
                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
