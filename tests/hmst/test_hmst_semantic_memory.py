@@ -275,3 +275,14 @@ def test_bounded_ivfpq_still_trains():
     assert mem.is_trained and len(mem) == 300 and torch.equal(mem.ids(), torch.arange(100, 400))
     with pytest.raises(MemLMError):
         make("ivfpq", max_items=10)
+
+
+def test_small_searches_restore_thread_counts():
+    import faiss
+
+    mem = make("ivfpq", rerank=4)
+    mem.add(*data(700))
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    mem.search(torch.randn(1, 32), 3)  # single-threaded path for both libraries
+    mem.search(torch.randn(64, 32), 3)
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
