@@ -43,6 +43,7 @@ class MemoryAnalysis(L.Callback):
         model = _model_of(pl_module)
         if model is not None and trainer.global_step % self.every_n_steps == 0:
             model.collect_stats = True
+            self._step = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         model = _model_of(pl_module)
@@ -50,12 +51,12 @@ class MemoryAnalysis(L.Callback):
             return
         model.collect_stats = False
         layers = [self._summarise(s) for s in model.last_stats]
-        step = int(trainer.global_step)
+        step = getattr(self, "_step", int(trainer.global_step))
         self.history.append({"step": step, "layers": layers})
         for i, s in enumerate(layers):
             for k in ("fidelity", "utilisation", "write_util", "gate_mean", "gate_std", "slot_norm_mean"):
                 pl_module.log(f"mem/L{i}/{k}", float(s[k]), on_step=True, on_epoch=False, rank_zero_only=True)
-        if step > 0 and step % self.plot_every_n_steps == 0:
+        if step > 0 and step % self.plot_every_n_steps < self.every_n_steps:
             self.render(trainer)
 
     @staticmethod
