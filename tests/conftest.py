@@ -19,6 +19,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MEMLM_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Deterministic CPU threads: test models are tiny, where intra-op threads only add spin
+# contention (28x slower generation measured on a loaded 2-core machine). Subprocesses
+# (DDP, CLI error tests) inherit OMP_NUM_THREADS. Override with MEMLM_TEST_THREADS=N.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("MEMLM_TEST_THREADS", "1"))
+
+import torch  # noqa: E402  (after the environment above)
+
+torch.set_num_threads(int(os.environ.get("MEMLM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
