@@ -229,3 +229,22 @@ def test_fit_checkpoint_roundtrip_keeps_memories(tmp_path):
     x = torch.randint(0, dm.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, m2(x).logits)
+    # the ingest CLI grows the checkpoint's memory; the new items are found by their own keys
+    from lightning_modules.hmst.ingest import main as ingest_main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Quexford is the capital of Zorbania, on the river Plimm.", encoding="utf-8")
+    before = len(m2.semantic)
+    assert ingest_main(["--ckpt", str(path), "--file", str(doc), "--out", str(tmp_path / "grown.ckpt"), "--stride", "4"]) == 0
+    m3 = load_module(tmp_path / "grown.ckpt")
+    n_new = len(m2.tokenizer.encode(doc.read_text())) // 4
+    assert len(m3.semantic) == before + n_new
+    new_ids = m3.semantic.ids()[-n_new:]
+    texts = m3.semantic.get_texts(new_ids)
+    assert all(t and t in doc.read_text() for t in texts) and texts[-1].endswith("Plimm.")
+    with torch.no_grad():
+        keys = m3(torch.tensor([m3.tokenizer.encode(doc.read_text())]))
+    res = m3.semantic.search(keys.mem_keys[0, 3:4], 1)
+    assert int(res.ids[0, 0]) == int(new_ids[0]) and res.scores[0, 0] > 0.99
+    with pytest.raises(Exception, match="not found"):
+        ingest_main(["--ckpt", str(tmp_path / "missing.ckpt"), "--file", str(doc)])
