@@ -56,7 +56,7 @@ def accuracy(learner: ContinualLearner, texts: list[str]) -> float:
 def oracle_accuracy(learner: ContinualLearner, texts: list[str], memory: list[str] | None = None) -> float:
     """Best accuracy any predictor can reach on ``texts`` with the learner's current units:
     a perfect high-order memory of ``memory`` (default: ``texts``) that predicts the most
-    frequent continuation of the exact prefix (ties count as right)."""
+    frequent continuation of the exact prefix (a tie between k continuations counts 1/k)."""
     from collections import Counter, defaultdict
 
     from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID
@@ -74,7 +74,8 @@ def oracle_accuracy(learner: ContinualLearner, texts: list[str], memory: list[st
         seq = units(t)
         for i in range(1, len(seq)):
             c = nxt[tuple(seq[:i])]
-            right += int(bool(c) and c[seq[i]] == max(c.values()))
+            if c and c[seq[i]] == max(c.values()):  # right, or one of several equally likely guesses
+                right += 1.0 / sum(1 for v in c.values() if v == c[seq[i]])
             total += 1
     return right / max(1, total)
 

@@ -54,7 +54,7 @@ class LearnerConfig:
     trace_decay: float = 0.5  # weight of lag l in the trace: trace_decay**l
     learning_rate: float = 0.3
     hebbian_strength: float = 1.0  # potentiation gain relative to learning_rate
-    depression: float = 0.2  # misprediction depression (x learning_rate)
+    depression: float = 0.05  # misprediction depression (x learning_rate)
     stdp_ltd: float = 0.05  # post-before-pre depression (x learning_rate)
     weight_decay: float = 0.002  # heterosynaptic decay of a learning neuron's synapses (x learning_rate)
     weight_max: float = 1.0

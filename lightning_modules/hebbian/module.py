@@ -99,7 +99,7 @@ class HebbianLanguageModel(MemLMModule):
         trace_decay: float = 0.5,
         learning_rate: float = 0.3,
         hebbian_strength: float = 1.0,
-        depression: float = 0.2,
+        depression: float = 0.05,
         stdp_ltd: float = 0.05,
         weight_decay: float = 0.002,
         weight_max: float = 1.0,

@@ -372,7 +372,7 @@ class ColumnNetwork:
         synapses_per_cell: int = 48,
         learning_rate: float = 0.3,
         hebbian_strength: float = 1.0,
-        depression: float = 0.2,
+        depression: float = 0.05,
         stdp_ltd: float = 0.05,
         decay: float = 0.002,
         w_max: float = 1.0,
