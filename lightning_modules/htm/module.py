@@ -82,7 +82,7 @@ class HTMLanguageModel(MemLMModule):
         predicted_segment_decrement: float = 0.004,
         max_segments_per_cell: int = 255,
         max_synapses_per_segment: int = 255,
-        classifier_alpha: float = 2.0,
+        classifier_alpha: float = 1.0,
         classifier_input: Literal["active", "winners"] = "winners",
         prob_floor: float = 1e-5,
         seed: int = 42,
