@@ -207,39 +207,38 @@ class HolographicMemory(nn.Module):
         attn_q = self.w_attn(q)
         log_decay = self.log_decay().to(h.dtype)
 
-        outs, gates, rec_sum, stats_acc = [], [], [], []
+        outs, gates, rec_sum = [], [], []
         m = m0
         C = max(1, int(self.scan_chunk))
+        # split once: slicing inside the loop would make every slice's backward write a full-size tensor
+        ukey_c, attn_c, h_c, key_c = (t.split(C, dim=1) for t in (ukey, attn_q, h, key))
         if self.gate_mode == "recurrent":
             lam = log_decay.exp()[None, :, None]
             ms, gs = [], []
-            for t in range(T):
-                keep = torch.ones_like(m[:, :1, :1]) if reset is None else (~reset[:, t]).to(h.dtype)[:, None, None]
-                m, g_t = self._step(m, gate_logits[:, t], b[:, t], lam, keep)
+            keep_all = None if reset is None else (~reset).to(h.dtype).unbind(1)
+            one = torch.ones_like(m[:, :1, :1])
+            for t, (base_t, b_t) in enumerate(zip(gate_logits.unbind(1), b.unbind(1))):
+                keep = one if keep_all is None else keep_all[t][:, None, None]
+                m, g_t = self._step(m, base_t, b_t, lam, keep)
                 ms.append(m)
                 gs.append(g_t)
-            m_all_full = torch.stack(ms, dim=2)  # [B, S, T, D]
-            g_full = torch.stack(gs, dim=1)  # [B, T, S]
-            chunks = [(c0, min(T, c0 + C)) for c0 in range(0, T, C)]
-            for c0, c1 in chunks:
-                m_all = m_all_full[:, :, c0:c1]
-                inv = self._slot_inv_rms(m_all)
-                outs.append(self._read(m_all, inv, ukey[:, c0:c1], attn_q[:, c0:c1], h[:, c0:c1]))
-                gates.append(g_full[:, c0:c1])
-                if want_aux:
-                    rec_sum.append(self._reconstruct(m_all, inv, key[:, c0:c1], g_full[:, c0:c1]))
+            m_chunks = torch.stack(ms, dim=2).split(C, dim=2)  # [B, S, c, D] each
+            g_chunks = torch.stack(gs, dim=1).split(C, dim=1)  # [B, c, S] each
         else:
-            g_full = torch.sigmoid(gate_logits)
-            for c0 in range(0, T, C):
-                c1 = min(T, c0 + C)
-                r = None if reset is None else reset[:, c0:c1]
-                m_all = scan_chunk(b[:, c0:c1], g_full[:, c0:c1], log_decay, m, r)  # [B, S, c, D]
+            g_chunks = torch.sigmoid(gate_logits).split(C, dim=1)
+            b_c = b.split(C, dim=1)
+            r_c = [None] * len(b_c) if reset is None else reset.split(C, dim=1)
+            m_chunks = []
+            for b_i, g_i, r_i in zip(b_c, g_chunks, r_c):
+                m_all = scan_chunk(b_i, g_i, log_decay, m, r_i)  # [B, S, c, D]
                 m = m_all[:, :, -1]
-                inv = self._slot_inv_rms(m_all)
-                outs.append(self._read(m_all, inv, ukey[:, c0:c1], attn_q[:, c0:c1], h[:, c0:c1]))
-                gates.append(g_full[:, c0:c1])
-                if want_aux:
-                    rec_sum.append(self._reconstruct(m_all, inv, key[:, c0:c1], g_full[:, c0:c1]))
+                m_chunks.append(m_all)
+        for i, (m_all, g_i) in enumerate(zip(m_chunks, g_chunks)):
+            inv = self._slot_inv_rms(m_all)
+            outs.append(self._read(m_all, inv, ukey_c[i], attn_c[i], h_c[i]))
+            gates.append(g_i)
+            if want_aux:
+                rec_sum.append(self._reconstruct(m_all, inv, key_c[i], g_i))
         out = torch.cat([o[0] for o in outs], dim=1)
         read_w = torch.cat([o[1] for o in outs], dim=1)  # [B, T, S]
         g_all = torch.cat(gates, dim=1)  # [B, T, S]
