@@ -383,7 +383,8 @@ class HMSTModel(nn.Module):
             exit_logits = None
             logits = h_exit.new_zeros(B, T, cfg.vocab_size)
             if exit_idx.numel():
-                logits = logits.index_copy(0, exit_idx, self.lm_head(h_exit[exit_idx]))
+                lx = self.lm_head(h_exit[exit_idx])
+                logits = logits.to(lx.dtype).index_copy(0, exit_idx, lx)
 
         # 4) upper path for the rows that continue
         hidden = h_exit.clone()
@@ -418,8 +419,8 @@ class HMSTModel(nn.Module):
                 sel, src = run_idx, torch.arange(n_up, device=dev)
             else:
                 sel = src = torch.nonzero(~exit_rows).squeeze(1)
-            logits = logits.index_copy(0, sel, lu[src])
-            hidden = hidden.index_copy(0, sel, hu[src])
+            logits = logits.index_copy(0, sel, lu[src].to(logits.dtype))
+            hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
         if kv is not None:
             kv.length = start + T
             self._trim_cache(kv)

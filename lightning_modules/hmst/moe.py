@@ -151,7 +151,7 @@ class MoEFeedForward(nn.Module):
             if chunk.numel():
                 outs.append(self.experts.expert_forward(e, chunk))
         ys = torch.cat(outs, 0) if outs else xs.new_zeros(0, shape[-1])
-        y = torch.zeros_like(xf).index_add_(0, t_sorted, ys * w_sorted.to(ys.dtype).unsqueeze(-1))
+        y = ys.new_zeros(n, shape[-1]).index_add_(0, t_sorted, ys * w_sorted.to(ys.dtype).unsqueeze(-1))
         p = r.probs
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
         stats = {

@@ -248,3 +248,16 @@ def test_fit_checkpoint_roundtrip_keeps_memories(tmp_path):
     assert int(res.ids[0, 0]) == int(new_ids[0]) and res.scores[0, 0] > 0.99
     with pytest.raises(Exception, match="not found"):
         ingest_main(["--ckpt", str(tmp_path / "missing.ckpt"), "--file", str(doc)])
+
+
+def test_bf16_autocast_training_and_mixed_exit_batch():
+    """The GPU configs train in bf16-mixed: the same code path under CPU autocast."""
+    m = small(gate_schedule={"exit": 0.5, "episodic": 1.0, "semantic": 1.0, "verify": 1.0, "expert_bias": 0.5})
+    m.log = lambda *a, **k: None
+    x = torch.randint(0, 64, (4, 16))
+    for i in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.training_step({"input_ids": x, "targets": torch.roll(x, -1, 1), "first": i == 0}, i)
+        assert torch.isfinite(loss)
+        loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.model.blocks[0].moe.parameters() if p.grad is not None)
