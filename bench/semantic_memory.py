@@ -48,7 +48,7 @@ def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="12k x 128, 300 queries, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="12k x 128, 300 queries, 2 rounds, pq-m 16")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--value-dim", type=int, default=64)
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--rerank", type=int, default=16, help="ivfpq_rerank fetches k*rerank PQ candidates")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.dim, args.queries, args.rounds = 12_000, 128, 300, 2
+        args.n, args.dim, args.queries, args.rounds, args.pq_m = 12_000, 128, 300, 2, 16
     if args.dim % args.pq_m:
         raise MemLMError(f"--dim {args.dim} must be divisible by --pq-m {args.pq_m}")
 
