@@ -12,6 +12,10 @@
    200 new sentences the same way and measure the first 20 again (retention = after/before).
 3. Speed: units (tokens) learned per second during part 2, and on real text
    (tinyshakespeare lines, when /work/shared/data is present) with the online accuracy.
+4. Dialogue recall: the builtin conversation corpus (question/answer dialogues about a fixed
+   world, mixed with sentences) is learned twice; then every distinct question is asked
+   (greedy, no learning) and the answer must match the taught one exactly. Repeated for
+   several column sizes: busy units need one neuron per context they must keep apart.
 """
 from __future__ import annotations
 
@@ -191,6 +195,30 @@ def main() -> int:
     print("\n3. learning speed (column learner, one process, 1 thread of Python + numba kernel)")
     print_table(speed_rows)
 
+    # 4. dialogue recall vs column size
+    from datamodules.conversation import TURN_SEPARATOR, builtin_items
+
+    items = builtin_items(2000 if args.quick else 4000, args.seed)
+    qa: dict[str, set] = {}
+    for x in items:
+        if TURN_SEPARATOR in x:
+            q, a = x.split(TURN_SEPARATOR)
+            qa.setdefault(q, set()).add(a)
+    qa_rows = []
+    for c in ([16, 64] if args.quick else [16, 32, 64, 128]):
+        learner = ContinualLearner(LearnerConfig(seed=args.seed, neurons_per_column=c))
+        t0 = time.perf_counter()
+        for _ in range(2):
+            for x in items:
+                learner.learn_text(x)
+        dt = time.perf_counter() - t0
+        right = sum(learner.respond(q, temperature=0) in a for q, a in qa.items())
+        qa_rows.append({"neurons_per_column": c, "exact_answers": f"{right}/{len(qa)}", "answer_acc": right / len(qa),
+                        "online_acc": learner.stats()["online_accuracy"], "neurons": learner.net.n_neurons,
+                        "learn_seconds": dt})
+    print(f"\n4. dialogue recall: {len(items)} builtin items x 2 passes, then every distinct question (greedy)")
+    print_table(qa_rows)
+
     figures = {
         "acc_exposure_1": rows[1]["acc_column"],
         "acc_exposure_3": rows[min(3, passes)]["acc_column"],
@@ -209,6 +237,7 @@ def main() -> int:
         "oracle_first20_after": oracle_after,
         "units_per_sec": speed_units,
         **figures_text,
+        **{f"answer_acc_c{r['neurons_per_column']}": r["answer_acc"] for r in qa_rows},
     }
     settings = {"quick": args.quick, "sentences": n_curve, "passes": passes, "exposures": args.exposures,
                 "later": n_later, "seed": args.seed, "text_lines": text_lines,
