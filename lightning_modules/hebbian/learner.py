@@ -47,7 +47,7 @@ class LearnerConfig:
     usage_half_life: float = 5000.0  # in utterances; decay of unit usage counts
     forget_below: float = 0.5  # forget() floor on decayed usage
     # network
-    neurons_per_column: int = 16
+    neurons_per_column: int = 64
     synapses_per_neuron: int = 48
     k_winners: int = 4  # k-winners-take-all inside an active column
     trace_len: int = 2  # recent winner sets that drive predictions and learn (STDP window)

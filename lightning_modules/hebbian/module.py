@@ -92,7 +92,7 @@ class HebbianLanguageModel(MemLMModule):
         merge_threshold: int = 3,
         max_unit_len: int = 12,
         max_new_units_per_input: int = 4,
-        neurons_per_column: int = 16,
+        neurons_per_column: int = 64,
         synapses_per_neuron: int = 48,
         k_winners: int = 4,
         trace_len: int = 2,

@@ -598,9 +598,13 @@ class ColumnNetwork:
     # -- persistence --------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         n = self.n_neurons
+        # synapses are stored sparsely: most slots of a growing network are empty
+        used = np.flatnonzero(self._targets[:n].ravel() >= 0)
         return {
-            "targets": torch.from_numpy(self._targets[:n].astype(np.int32)),
-            "weights": torch.from_numpy(self._weights[:n].copy()),
+            "shape": torch.tensor([n, self.S], dtype=torch.int64),
+            "syn_index": torch.from_numpy(used.astype(np.int64)),
+            "syn_target": torch.from_numpy(self._targets[:n].ravel()[used].astype(np.int32)),
+            "syn_weight": torch.from_numpy(self._weights[:n].ravel()[used].copy()),
             "usage": torch.from_numpy(self._usage[:n].copy()),
             "alive": torch.from_numpy(self._alive[: self.n_units].copy()),
             "active": torch.from_numpy(self._active.copy()),
@@ -614,14 +618,16 @@ class ColumnNetwork:
     def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
         alive = st["alive"].numpy().astype(np.bool_)
         n_units = alive.size
-        if tuple(st["weights"].shape) != (n_units * self.C, self.S) or tuple(st["hist"].shape) != self._hist.shape:
-            raise ValueError(
-                f"state has weights {tuple(st['weights'].shape)} but this network expects ({n_units * self.C}, {self.S})"
-            )
+        shape = tuple(int(x) for x in st["shape"].tolist())
+        if shape != (n_units * self.C, self.S) or tuple(st["hist"].shape) != self._hist.shape:
+            raise ValueError(f"state has synapses {shape} but this network expects ({n_units * self.C}, {self.S})")
         self._allocate(n_units)
         n = self.n_neurons
-        self._targets[:n] = st["targets"].numpy().astype(np.int64)
-        self._weights[:n] = st["weights"].numpy().astype(np.float32)
+        idx = st["syn_index"].numpy().astype(np.int64)
+        flat_t = self._targets[:n].reshape(-1)
+        flat_w = self._weights[:n].reshape(-1)
+        flat_t[idx] = st["syn_target"].numpy().astype(np.int64)
+        flat_w[idx] = st["syn_weight"].numpy().astype(np.float32)
         self._usage[:n] = st["usage"].numpy().astype(np.float32)
         self._alive[:n_units] = alive
         self._active[:] = st["active"].numpy()

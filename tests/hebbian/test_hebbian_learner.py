@@ -107,7 +107,7 @@ def test_save_load_is_exact_and_continues_identically(tmp_path):
     path = tmp_path / "state.pt"
     learner.save(path)
     raw = torch.load(path, weights_only=True)  # no pickle of objects
-    assert isinstance(raw["vocab"], str) and isinstance(raw["net.weights"], torch.Tensor)
+    assert isinstance(raw["vocab"], str) and isinstance(raw["net.syn_weight"], torch.Tensor)
     loaded = ContinualLearner.load(path)
     assert loaded.vocab.to_json() == learner.vocab.to_json()
     assert loaded.config == learner.config
