@@ -129,6 +129,14 @@ class HTMLanguageModel(MemLMModule):
     def configure_optimizers(self):
         return None
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            raise MemLMError(
+                "HTMLanguageModel learns sequentially in one process and has no multi-process policy; "
+                "run it with --trainer.devices=1"
+            )
+
     def _table(self) -> np.ndarray:
         if self.encoder_table is None:
             texts = None
