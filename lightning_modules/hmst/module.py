@@ -203,11 +203,16 @@ class HMSTLanguageModel(LanguageModel):
         return out
 
     def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int):
+        """Items for every stride-th token of the rows that ran the full model (values are final
+        hidden states; rows that exited early have no final state and are not written)."""
         T = x.size(1)
         pos = torch.arange(stride - 1, T, stride, device=x.device)
-        keys = out.mem_keys[:, pos].reshape(-1, self.config.d_model)
-        values = out.hidden.detach()[:, pos].reshape(-1, self.config.d_model)
-        return keys, values, self._segment_texts(x, pos.cpu())
+        rows = torch.arange(x.size(0), device=x.device)
+        if out.exit_rows is not None:
+            rows = rows[~out.exit_rows.to(x.device)]
+        keys = out.mem_keys[rows][:, pos].reshape(-1, self.config.d_model)
+        values = out.hidden.detach()[rows][:, pos].reshape(-1, self.config.d_model)
+        return keys, values, self._segment_texts(x[rows], pos.cpu())
 
     @torch.no_grad()
     def _write_memories(self, x: torch.Tensor, out: HMSTOutput) -> None:

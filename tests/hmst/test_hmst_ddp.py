@@ -38,7 +38,8 @@ torch.manual_seed(0)
 m = HMSTLanguageModel(vocab_size=259, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=32, n_experts=4, top_k=2,
                       exit_layer=1, ssm_d_state=4, ssm_expand=1, mem_top_k=2, mem_max_items=1000, mem_write_stride=2,
                       episodic_capacity=16, controller_hidden=16, critic_d_model=16, critic_layers=1, critic_heads=2,
-                      critic_max_len=32, warmup_steps=1)
+                      critic_max_len=32, warmup_steps=1,
+                      gate_schedule={"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.5, "expert_bias": 0.5})
 m.set_tokenizer(build_tokenizer("byte", [], 259))
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=4,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -202,7 +202,7 @@ def test_fit_checkpoint_roundtrip_keeps_memories(tmp_path):
                         max_val_batches=2, cache_dir=str(tmp_path / "cache"), max_chars=200_000)
     dm.prepare_data()
     dm.setup("fit")
-    m = small(vocab_size=dm.vocab_size)
+    m = small(vocab_size=dm.vocab_size, gate_schedule={**ALL_ON, "verify": 0.5, "expert_bias": 0.5})
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2, val_check_interval=4,
                         num_sanity_val_steps=0)
