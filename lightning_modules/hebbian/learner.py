@@ -230,7 +230,7 @@ class ContinualLearner:
         if temperature <= 0:
             return int(scores.argmax())
         ok = scores >= self.net.threshold
-        logits = (scores / (self.net.w_max * temperature) * 4.0).masked_fill(~ok, float("-inf"))
+        logits = (scores * (READOUT_GAIN / (self.net.w_max * temperature))).masked_fill(~ok, float("-inf"))
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
 
     def respond(self, text: str, temperature: float | None = None, max_units: int | None = None) -> str:
@@ -346,7 +346,10 @@ class ContinualLearner:
         teacher = self.teacher
         self.__init__(cfg, teacher=teacher)
         self.vocab = vocab
-        self.net.load_state_tensors(net_state)
+        try:
+            self.net.load_state_tensors(net_state)
+        except (KeyError, ValueError) as exc:
+            raise MemLMError(f"corrupt Hebbian network state ({exc}); delete it to start afresh") from exc
         self.generator.set_state(sd["rng"])
         c = sd["counters"].tolist()
         self.units_learned, self.correct, self.utterances, self.learn_seconds = int(c[0]), int(c[1]), int(c[2]), c[3]

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from lightning_modules.base import LN2, MemLMModule
-from lightning_modules.hebbian.learner import ContinualLearner, LearnerConfig
+from lightning_modules.hebbian.learner import READOUT_GAIN, ContinualLearner, LearnerConfig
 from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
 from memlm.errors import MemLMError
 
@@ -271,7 +271,9 @@ class HebbianLanguageModel(MemLMModule):
     ) -> Iterator[int]:
         """Run the network over ``<bos> + prompt_ids`` (unit ids) and yield sampled next units.
 
-        Only units the network predicts (drive above threshold) are candidates; ``top_k``
+        Like :meth:`ContinualLearner.respond`: when the network expects the prompt to end
+        (``<eos>`` first), that unit is fed silently and the reply that follows is generated;
+        otherwise the prompt's continuation is. Only units the network predicts (drive above threshold) are candidates; ``top_k``
         keeps the k strongest of them. Stops at ``<eos>`` (yielded), when nothing is predicted,
         or after ``max_new_tokens``. No learning happens here.
         """
@@ -283,7 +285,9 @@ class HebbianLanguageModel(MemLMModule):
         net.reset()
         try:
             learner._feed([BOS_ID] + [int(i) for i in ids if 0 <= int(i) < net.n_units], learn=False)
-            for _ in range(int(max_new_tokens)):
+            first = True
+            produced = 0
+            while produced < int(max_new_tokens):
                 scores = net.unit_scores()
                 ok = scores >= net.threshold
                 if not bool(ok.any()):
@@ -291,11 +295,17 @@ class HebbianLanguageModel(MemLMModule):
                 if temperature is None or temperature <= 0:
                     u = int(scores.argmax())
                 else:
-                    logits = (scores / (net.w_max * temperature) * 4.0).masked_fill(~ok, float("-inf"))
+                    logits = (scores * (READOUT_GAIN / (net.w_max * temperature))).masked_fill(~ok, float("-inf"))
                     if top_k is not None and 0 < top_k < int(ok.sum()):
                         kth = torch.topk(logits, top_k).values[-1]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
                     u = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+                if first and u == EOS_ID:  # the prompt is complete: answer with what follows it
+                    first = False
+                    net.step(u, learn=False)
+                    continue
+                first = False
+                produced += 1
                 yield u
                 if u == stop:
                     return

@@ -618,16 +618,21 @@ class ColumnNetwork:
     def load_state_tensors(self, st: dict[str, torch.Tensor]) -> None:
         alive = st["alive"].numpy().astype(np.bool_)
         n_units = alive.size
-        shape = tuple(int(x) for x in st["shape"].tolist())
+        dense = "shape" not in st  # the first state format stored the full slot arrays
+        shape = tuple(st["weights"].shape) if dense else tuple(int(x) for x in st["shape"].tolist())
         if shape != (n_units * self.C, self.S) or tuple(st["hist"].shape) != self._hist.shape:
             raise ValueError(f"state has synapses {shape} but this network expects ({n_units * self.C}, {self.S})")
         self._allocate(n_units)
         n = self.n_neurons
-        idx = st["syn_index"].numpy().astype(np.int64)
-        flat_t = self._targets[:n].reshape(-1)
-        flat_w = self._weights[:n].reshape(-1)
-        flat_t[idx] = st["syn_target"].numpy().astype(np.int64)
-        flat_w[idx] = st["syn_weight"].numpy().astype(np.float32)
+        if dense:
+            self._targets[:n] = st["targets"].numpy().astype(np.int64)
+            self._weights[:n] = st["weights"].numpy().astype(np.float32)
+        else:
+            idx = st["syn_index"].numpy().astype(np.int64)
+            flat_t = self._targets[:n].reshape(-1)
+            flat_w = self._weights[:n].reshape(-1)
+            flat_t[idx] = st["syn_target"].numpy().astype(np.int64)
+            flat_w[idx] = st["syn_weight"].numpy().astype(np.float32)
         self._usage[:n] = st["usage"].numpy().astype(np.float32)
         self._alive[:n_units] = alive
         self._active[:] = st["active"].numpy()
