@@ -73,6 +73,8 @@ def test_fit_learns_online_and_checkpoint_round_trips(tmp_path):
     out = list(loaded.generate(ids, max_new_tokens=10, temperature=0.0, eos_id=tok.eos_id))
     assert tok.decode(out).strip() == "mat" and out[-1] == EOS_ID
     assert len(tok.token_bytes()) == tok.vocab_size
+    q = tok.encode("what does the cat eat?")  # a complete prompt: generate() answers it
+    assert tok.decode(list(loaded.generate(q, max_new_tokens=20, temperature=0.0))).strip() == "the cat eats fish."
     sampled = list(loaded.generate(ids, max_new_tokens=10, temperature=0.8, top_k=2,
                                    generator=torch.Generator().manual_seed(0)))
     assert 1 <= len(sampled) <= 10
