@@ -172,7 +172,6 @@ def test_gradient_accumulation_carries_state_across_micro_batches(tmp_path):
     assert seen[:6] == [(True, None), (False, 8), (False, 16), (True, 24), (False, 8), (False, 16)]
 
 
-@pytest.mark.slow
 def test_ddp_ranks_carry_and_save_their_own_streams(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -180,7 +179,8 @@ def test_ddp_ranks_carry_and_save_their_own_streams(tmp_path):
     dm = _mqar_dm()
     model = _tiny(vocab_size=dm.vocab_size)
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+    # ddp_fork: two real gloo ranks without re-importing everything in spawned processes
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ck], limit_val_batches=0,
                         default_root_dir=tmp_path)
     trainer.fit(model, dm)
