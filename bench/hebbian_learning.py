@@ -153,7 +153,7 @@ def main() -> int:
     all_s = sentences(20 + n_later, args.seed + 1000)
     first, later = all_s[:20], all_s[20:]
     col2, fo2 = make(False, args.seed), make(True, args.seed)
-    t_first = learn_passes([col2, fo2], first, args.exposures, rng)
+    learn_passes([col2, fo2], first, args.exposures, rng)
     before = {"column": accuracy(col2, first), "first_order": accuracy(fo2, first)}
     units0 = col2.units_learned
     t_later = learn_passes([col2, fo2], later, args.exposures, rng)

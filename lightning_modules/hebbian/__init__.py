@@ -4,3 +4,5 @@ from lightning_modules.hebbian.learner import ContinualLearner, LearnerConfig  #
 from lightning_modules.hebbian.network import ColumnNetwork  # noqa: F401
 from lightning_modules.hebbian.teacher import TeacherClient, TeacherUnavailable  # noqa: F401
 from lightning_modules.hebbian.vocab import GrowingVocab  # noqa: F401
+
+__all__ = ["ColumnNetwork", "ContinualLearner", "GrowingVocab", "LearnerConfig", "TeacherClient", "TeacherUnavailable"]
