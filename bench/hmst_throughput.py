@@ -1,7 +1,7 @@
 """HMST micro vs a transformer of equal active parameters: training/inference tokens/s on this
 CPU, and the FLOPs (and time) saved by HMST's early exit.
 
-    python bench/hmst_throughput.py [--quick] [--threads N]
+    python bench/hmst_throughput.py [--quick] [--threads N] [--ablation-ckpt CKPT]
 
 - HMST: configs/hmst_micro.yaml's model (vocab 2048). Its full stage-1 training step is
   timed (MoE, Mamba SSM, FAISS read + write, episodic store, controller, critic, exit head).
@@ -12,6 +12,9 @@ CPU, and the FLOPs (and time) saved by HMST's early exit.
 - Steps alternate between the two models (interleaved) and the median step time is used.
 - Early exit: FLOPs of an HMST forward (eval) with the exit gate forced on vs off, counted
   by torch.utils.flop_counter.FlopCounterMode, plus the measured forward time.
+- ``--ablation-ckpt``: with a trained HMST checkpoint (e.g. from configs/hmst_micro.yaml),
+  the validation loss of the builtin corpus's val split (4 streams of block_size segments,
+  state carried) with each memory read / the early exit forced on or off.
 """
 from __future__ import annotations
 
@@ -74,11 +77,49 @@ def fwd_time(fn, repeats):
     return statistics.median(times)
 
 
+def gate_ablation(ckpt: str, max_tokens: int) -> list[dict]:
+    import torch.nn.functional as F
+
+    from datamodules.text import TextDataModule
+    from memlm.checkpoint import load_module
+
+    m = load_module(ckpt)
+    if not isinstance(m, HMSTLanguageModel):
+        from memlm.errors import MemLMError
+
+        raise MemLMError(f"{ckpt} is not an HMST checkpoint")
+    T = m.config.block_size
+    dm = TextDataModule(source="builtin", tokenizer="bpe", vocab_size=m.vocab_size, block_size=T, sampler="stream")
+    dm.prepare_data()
+    dm.setup("fit")
+    if dm.tokenizer.fingerprint() != m.tokenizer.fingerprint():
+        from memlm.errors import MemLMError
+
+        raise MemLMError("the checkpoint was not trained on the builtin corpus with this tokenizer; use an hmst_micro checkpoint")
+    ids = torch.as_tensor(dm.split_ids("val").astype("int64"))
+    B = 4
+    n = min((ids.numel() - 1) // (B * T), max(1, max_tokens // (B * T))) * B * T
+    x_all, y_all = ids[:n].view(B, -1), ids[1:n + 1].view(B, -1)
+    rows = []
+    for name, sch in [("all reads on", ON), ("semantic off", {**ON, "semantic": 0.0}), ("episodic off", {**ON, "episodic": 0.0}),
+                      ("both off", {**ON, "semantic": 0.0, "episodic": 0.0}), ("early exit forced", {**ON, "exit": 1.0})]:
+        state, nll = None, 0.0
+        with torch.no_grad():
+            for s in range(0, x_all.size(1), T):
+                out = m(x_all[:, s:s + T], state=state, schedule=sch)
+                state = out.state
+                nll += F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)).float(),
+                                       y_all[:, s:s + T].reshape(-1), reduction="sum").item()
+        rows.append({"gates": name, "val_loss": nll / y_all.numel(), "tokens": y_all.numel()})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ablation-ckpt", default=None, help="trained hmst_micro checkpoint for the gate ablation")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,10 +196,16 @@ def main() -> int:
         "early_exit_flops_saved_frac": round(1 - f_exit / f_full, 4),
         "early_exit_time_saved_frac": round(1 - inf_exit / inf_h, 4),
     }
+    if args.ablation_ckpt:
+        abl = gate_ablation(args.ablation_ckpt, 2048 if args.quick else 6144)
+        print_table(abl)
+        for r in abl:
+            figures["val_loss_" + r["gates"].replace(" ", "_")] = round(r["val_loss"], 4)
     print(f"early exit: {100 * (1 - f_exit / f_full):.1f}% fewer forward FLOPs, {100 * (1 - inf_exit / inf_h):.1f}% less time")
     print(f"HMST/transformer training throughput: {train_h / train_g:.3f}x")
     print_result(figures, {"quick": args.quick, "batch": args.batch, "seq_len": T, "rounds": rounds, "vocab": vocab,
-                           "config": "configs/hmst_micro.yaml", "threads": torch.get_num_threads()})
+                           "config": "configs/hmst_micro.yaml", "threads": torch.get_num_threads(),
+                           "ablation_ckpt": args.ablation_ckpt})
     return 0
 
 
