@@ -5,7 +5,7 @@ Data layout (all numpy; capacities grow by doubling; only the used prefix is sav
 segments  ``segs`` int64 [6, cap]: CELL (-1 = free), NSYN (live synapses), FIRST (head of the
           segment's synapse list), NEXT / PREV (the cell's segment list), LAST (iteration the
           segment was last active while learning; used for least-recently-used eviction)
-          ``seg_counts`` int32 [2, cap]: NAP / NAC, the number of active potential / active
+          ``seg_counts`` int32 [cap, 2]: NAP / NAC, the number of active potential / active
           connected synapses; scratch, all zero between calls
 synapses  ``syns`` int32 [cap, 8] (one 32-byte record per synapse): SEG (-1 = free), PRE
           (presynaptic cell), NSEG / PSEG (the segment's doubly linked synapse list), NPRE /
@@ -287,20 +287,20 @@ def _activate(active, n_active, learn, segs, seg_counts, syns, perm, cell_first_
     (n_touched, n_act, n_match)."""
     for i in range(n_touched_prev):
         g = touched[i]
-        seg_counts[0, g] = 0
-        seg_counts[1, g] = 0
+        seg_counts[g, 0] = 0
+        seg_counts[g, 1] = 0
     thr = np.float32(fparams[P_CONNECTED] - EPS)
     nt = 0
     for i in range(n_active):
         s = cell_first_syn[active[i]]
         while s != -1:
             g = syns[s, Y_SEG]
-            if seg_counts[0, g] == 0:
+            if seg_counts[g, 0] == 0:
                 touched[nt] = g
                 nt += 1
-            seg_counts[0, g] += 1
+            seg_counts[g, 0] += 1
             if perm[s, Y_PERM] >= thr:
-                seg_counts[1, g] += 1
+                seg_counts[g, 1] += 1
             s = syns[s, Y_NPRE]
     act_thr = iparams[I_ACT]
     min_thr = iparams[I_MIN]
@@ -309,12 +309,12 @@ def _activate(active, n_active, learn, segs, seg_counts, syns, perm, cell_first_
     for i in range(nt):
         g = touched[i]
         key = (segs[S_CELL, g] << 32) | g
-        if seg_counts[1, g] >= act_thr:
+        if seg_counts[g, 1] >= act_thr:
             act_segs[na] = key
             na += 1
             if learn:
                 segs[S_LAST, g] = counters[C_ITER]
-        if seg_counts[0, g] >= min_thr:
+        if seg_counts[g, 0] >= min_thr:
             match_segs[nm] = key
             nm += 1
     act_segs[:na] = np.sort(act_segs[:na])
@@ -411,7 +411,7 @@ def _tm_run(
                 n_win += 1
                 last_cell = cell
             if learn:
-                n_grow = max_new - seg_counts[0, g]
+                n_grow = max_new - seg_counts[g, 0]
                 alive = _adapt_segment(g, prev_mark, inc, dec, segs, syns, perm, cell_first_syn, cell_first_seg,
                                        cell_nseg, seg_free, syn_free, counters)
                 if alive and n_grow > 0:
@@ -431,12 +431,12 @@ def _tm_run(
             if col_match_start[col] != -1:
                 for j in range(col_match_start[col], col_match_end[col]):
                     g = match_segs[j]
-                    if best == -1 or seg_counts[0, g] > seg_counts[0, best]:
+                    if best == -1 or seg_counts[g, 0] > seg_counts[best, 0]:
                         best = g
             if best != -1:
                 winner = segs[S_CELL, best]
                 if learn:
-                    n_grow = max_new - seg_counts[0, best]
+                    n_grow = max_new - seg_counts[best, 0]
                     alive = _adapt_segment(best, prev_mark, inc, dec, segs, syns, perm, cell_first_syn,
                                            cell_first_seg, cell_nseg, seg_free, syn_free, counters)
                     if alive and n_grow > 0:
@@ -516,8 +516,8 @@ def _tm_run(
             last = cell
     n_pred[0] = npred
     for i in range(nt):
-        seg_counts[0, touched[i]] = 0
-        seg_counts[1, touched[i]] = 0
+        seg_counts[touched[i], 0] = 0
+        seg_counts[touched[i], 1] = 0
     n_prev[0] = n_pa
     n_prev[1] = n_pw
     return done
@@ -665,7 +665,7 @@ class TemporalMemory:
     # -- capacity ------------------------------------------------------------------------
     def _alloc_segments(self, cap: int) -> None:
         self.segs = np.full((6, cap), -1, dtype=np.int64)
-        self.seg_counts = np.zeros((2, cap), dtype=np.int32)
+        self.seg_counts = np.zeros((cap, 2), dtype=np.int32)
         self.seg_free = np.zeros(cap, dtype=np.int32)
 
     def _alloc_synapses(self, cap: int) -> None:
@@ -682,7 +682,7 @@ class TemporalMemory:
             segs, counts, free = self.segs, self.seg_counts, self.seg_free
             self._alloc_segments(new)
             self.segs[:, :seg_cap] = segs
-            self.seg_counts[:, :seg_cap] = counts
+            self.seg_counts[:seg_cap] = counts
             self.seg_free[:seg_cap] = free
         syn_cap = self.syns.shape[0]
         if syn_cap - c[C_SYN_HW] + c[C_SYN_FREE] < syn_need:
