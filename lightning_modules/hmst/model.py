@@ -23,7 +23,7 @@ LightningModule owns them); the model returns the keys/values to write
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

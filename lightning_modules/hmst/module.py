@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lightning_modules.hmst.model import HMSTConfig, HMSTModel, HMSTOutput
 from lightning_modules.language_model import IGNORE_INDEX, LanguageModel, detach_state

@@ -1,10 +1,8 @@
 """HMST model and module: episodic carry, early exit FLOPs, gate log-probs, memories, checkpoints."""
-import math
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.hmst.controller import GATES
