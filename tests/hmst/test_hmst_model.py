@@ -259,3 +259,22 @@ def test_bf16_autocast_training_and_mixed_exit_batch():
         assert torch.isfinite(loss)
         loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.model.blocks[0].moe.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("index_type", ["ivfpq", "hnsw"])
+def test_selectable_index_types_train_and_persist_through_checkpoint_hooks(index_type):
+    m = small(mem_index_type=index_type, gate_schedule={**ALL_ON, "verify": 0.0})
+    m.log = lambda *a, **k: None
+    x = torch.randint(0, 64, (3, 16))
+    for i in range(2):
+        m.training_step({"input_ids": x, "targets": torch.roll(x, -1, 1), "first": i == 0}, i)
+    assert len(m.semantic) == 2 * 3 * 8 and m.semantic.index_type == index_type
+    ckpt = {}
+    m.on_save_checkpoint(ckpt)
+    m2 = small(mem_index_type=index_type)
+    m2.on_load_checkpoint(ckpt)
+    q = torch.randn(4, 32)
+    r1, r2 = m.semantic.search(q, 3), m2.semantic.search(q, 3)
+    assert torch.equal(r1.ids, r2.ids)
+    torch.testing.assert_close(r1.scores, r2.scores)
+    assert len(m2.episodic) == len(m.episodic) == 6
