@@ -371,8 +371,11 @@ class HMSTModel(nn.Module):
             state.decision = decision
 
         exit_rows = decision.exit > 0.5
-        if kv is not None:  # a cache needs every layer's keys: run all rows, use the exit head for exit rows
-            run_idx = torch.arange(B, device=dev)
+        if kv is not None:
+            # the gates are held for the whole cached sequence: if every row exits, the upper
+            # layers are never needed (their caches stay empty); a mixed batch runs all rows so
+            # that the batched caches stay aligned, and exiting rows still take the exit head
+            run_idx = torch.arange(B, device=dev) if not bool(exit_rows.all()) else exit_rows.nonzero().squeeze(1)[:0]
         else:
             run_idx = torch.nonzero(~exit_rows).squeeze(1)
         exit_idx = torch.nonzero(exit_rows).squeeze(1)

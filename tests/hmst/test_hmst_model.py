@@ -78,6 +78,12 @@ def test_early_exit_really_skips_upper_layers_and_saves_flops():
 
     f_full, n_full, out_full = flops(ALL_ON)
     f_exit, n_exit, out_exit = flops({**ALL_ON, "exit": 1.0})
+    # cached generation with the exit gate held on never touches the upper blocks either
+    calls.clear()
+    m.eval_schedule = {**ALL_ON, "exit": 1.0}
+    toks = list(m.generate(x[0, :5].tolist(), max_new_tokens=4, temperature=0))
+    assert len(toks) == 4 and len(calls) == 0
+    m.eval_schedule = ALL_ON
     for h in hooks:
         h.remove()
     assert n_full == 4 and n_exit == 0  # upper blocks never ran
