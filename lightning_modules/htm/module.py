@@ -11,7 +11,8 @@ memory is (previous active cells, previous winner cells), kept per row (separate
 training and validation) and swapped in before the row is processed. Rows are processed
 one after another (row 0's chunk, then row 1's chunk, ...), exactly as if the streams
 were read in turn, and every row starts from its own previous context. The per-row state
-is cleared when ``batch["first"]`` is set (start of an epoch) and at validation start.
+is cleared when ``batch["first"]`` is set (start of an epoch), at validation start and,
+with ``reset_on_eos``, after every end-of-text token (document boundary).
 
 Everything the model has learned lives in numpy arrays outside ``nn.Parameter`` and is
 stored as tensors in ``checkpoint["htm_state"]`` (no pickle); loading restores it exactly.
@@ -85,6 +86,7 @@ class HTMLanguageModel(MemLMModule):
         classifier_alpha: float = 1.0,
         classifier_input: Literal["active", "winners"] = "winners",
         prob_floor: float = 1e-5,
+        reset_on_eos: bool = True,
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -121,6 +123,7 @@ class HTMLanguageModel(MemLMModule):
         n_in = columns * cells_per_column
         self.classifier = SDRClassifier(n_in, self.vocab_size, alpha=classifier_alpha, prob_floor=prob_floor)
         self.sp_learn = bool(sp_learn)
+        self.reset_on_eos = bool(reset_on_eos)
         self.classifier_input = classifier_input
         self._streams: dict[str, list[StreamState]] = {"train": [], "val": []}
         self._val: dict[str, float] = {}
@@ -150,10 +153,29 @@ class HTMLanguageModel(MemLMModule):
         """Feed one stream chunk through encoder, SP, TM and classifier (TM stream state = self.tm.stream).
 
         Returns (nll[T], argmax[T], anomaly[T], logp[T,V] or None): at step t the classifier
-        reads the cells after token t and predicts targets[t] (then learns it if ``learn``)."""
+        reads the cells after token t and predicts targets[t] (then learns it if ``learn``).
+        With ``reset_on_eos`` the temporal memory is reset after every end-of-text token
+        (a document boundary is a sequence boundary)."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        targets = np.asarray(targets, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise MemLMError(f"token id outside 0..{self.vocab_size - 1}; use the model's tokenizer")
+        eos = self.tokenizer.eos_id if (self.reset_on_eos and self.tokenizer is not None) else None
+        ends = np.flatnonzero(tokens == eos) + 1 if eos is not None else np.zeros(0, dtype=np.int64)
+        if len(ends) == 0:
+            return self._process_piece(tokens, targets, learn, want_logp)
+        parts, start = [], 0
+        for end in list(ends) + [len(tokens)]:
+            if end > start:
+                parts.append(self._process_piece(tokens[start:end], targets[start:end], learn, want_logp))
+                if end in ends:
+                    self.tm.reset()
+            start = end
+        joined = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+        logp = np.concatenate([p[3] for p in parts]) if want_logp else None
+        return joined[0], joined[1], joined[2], logp
+
+    def _process_piece(self, tokens: np.ndarray, targets: np.ndarray, learn: bool, want_logp: bool):
         table = self._table()
         w = table.shape[1]
         flat = table[tokens].reshape(-1)

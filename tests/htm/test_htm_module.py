@@ -131,3 +131,23 @@ def test_validation_and_generation_leave_learned_state_alone():
     assert greedy1 == greedy2
     state_equal(before, model.htm_state())
     np.testing.assert_array_equal(model.tm.stream.active, stream_before.active)
+
+
+def test_memory_resets_at_document_boundaries():
+    tok = build_tokenizer("char", [TEXT])
+    ids = np.asarray(tok.encode(TEXT[:60]), dtype=np.int64)
+    doc = np.concatenate([ids, [tok.eos_id]])
+    model = tiny_model(tok.vocab_size)
+    model.set_tokenizer(tok)
+    nll, pred, anomaly, _ = model.process(doc, np.roll(doc, -1), learn=True)
+    assert len(nll) == len(pred) == len(anomaly) == len(doc)
+    assert len(model.tm.stream.active) == 0  # reset after the end-of-text token
+    both = np.concatenate([doc, ids[:10]])
+    _, _, anomaly, logp = model.process(both, np.roll(both, -1), learn=False, want_logp=True)
+    assert logp.shape == (len(both), tok.vocab_size)
+    assert anomaly[len(doc)] == 1.0  # the first token of the next document is unpredicted
+    assert len(model.tm.stream.active) > 0
+    keep = tiny_model(tok.vocab_size, reset_on_eos=False)
+    keep.set_tokenizer(tok)
+    keep.process(doc, np.roll(doc, -1), learn=True)
+    assert len(keep.tm.stream.active) > 0
