@@ -117,16 +117,15 @@ class HolographicMemory(nn.Module):
         self.scan_chunk, self.conv_kernel, self.key_seed = scan_chunk, conv_kernel, key_seed
         # short causal depthwise convolution: lets a write see the previous tokens (key -> value)
         self.conv = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=True)
-        self.w_query = nn.Linear(dim, dim, bias=False)
-        self.w_item = nn.Linear(dim, dim, bias=False)
-        self.w_key = nn.Linear(dim, dim, bias=False) if key_source == "content" else None
-        self.w_unbind = nn.Linear(dim, dim, bias=False)  # retrieval head: query -> unbinding key
+        # fused projections (one matmul each): z -> [query, item, (content key)]; query -> [unbinding key, read probe]
+        self.n_zin = 3 if key_source == "content" else 2
+        self.w_zin = nn.Linear(dim, self.n_zin * dim, bias=False)
+        self.w_qout = nn.Linear(dim, 2 * dim, bias=False)  # retrieval head (unbinding key) + read-weight probe
         self.w_gate = nn.Linear(2 * dim, n_slots, bias=True)
         self.w_gate_state = nn.Parameter(torch.zeros(n_slots, dim)) if gate_mode == "recurrent" else None
         taus = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_slots)
         lam = 1.0 - 1.0 / taus
         self.decay_logit = nn.Parameter(torch.log(lam) - torch.log1p(-lam))  # sigmoid^-1(lambda)
-        self.w_attn = nn.Linear(dim, dim, bias=False)
         self.slot_bias = nn.Parameter(torch.zeros(n_slots))
         self.read_scale = nn.Parameter(torch.ones(dim))  # learnable scale after RMS normalisation
         self.w_out = nn.Linear(2 * dim, dim, bias=False)
@@ -145,11 +144,11 @@ class HolographicMemory(nn.Module):
             return torch.tanh(2.0 * rms_normalize(v))  # ~bipolar at any weight scale; exact inverse at +-1
         return hb.unitary(v)  # unit-modulus spectrum: correlation inverts convolution exactly
 
-    def write_keys(self, z: torch.Tensor, pos0: int) -> torch.Tensor:
+    def write_keys(self, z: torch.Tensor, pos0: int, key_pre: torch.Tensor | None = None) -> torch.Tensor:
         if self.key_source == "position":
             pos = torch.arange(pos0, pos0 + z.size(1), device=z.device)
             return hb.positional_keys(pos, self.dim, self.binding, self.key_seed).to(z.dtype).expand(z.size(0), -1, -1)
-        return self._key_fn(self.w_key(z))
+        return self._key_fn(key_pre)
 
     def _unbind(self, m: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """m [B, S, C, D] with key [B, C, D]."""
@@ -198,13 +197,14 @@ class HolographicMemory(nn.Module):
         xin = torch.cat([conv_in, h], dim=1)
         z = F.silu(self._causal_conv(xin, T, reset))  # [B, T, D]
         new_conv = xin[:, -(K - 1) :] if K > 1 else conv_in
-        q = self.w_query(z)
-        item = self.w_item(z)
-        key = self.write_keys(z, pos0)
-        ukey = self._key_fn(self.w_unbind(q))
+        zin = self.w_zin(z)
+        q, item = zin[..., :D], zin[..., D : 2 * D]
+        key = self.write_keys(z, pos0, zin[..., 2 * D :] if self.n_zin == 3 else None)
+        qout = self.w_qout(q)
+        ukey = self._key_fn(qout[..., :D])
+        attn_q = qout[..., D:]
         b = hb.bind(item, key, self.binding)
-        gate_logits = self.w_gate(torch.cat([q, item], dim=-1))  # [B, T, S]
-        attn_q = self.w_attn(q)
+        gate_logits = self.w_gate(zin[..., : 2 * D])  # from [query, item]: [B, T, S]
         log_decay = self.log_decay().to(h.dtype)
 
         outs, gates, rec_sum = [], [], []
