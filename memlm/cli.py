@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.checkpointing import FinalLastCheckpoint
 from callbacks.throughput import TokenThroughput
 from memlm.errors import MemLMError
 
@@ -224,28 +225,33 @@ class MemLMCLI(LightningCLI):
         module = self.model
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in cbs):
             monitor = getattr(module, "checkpoint_monitor", "val/loss")
-            cbs.append(
-                ModelCheckpoint(
-                    dirpath=str(self.run_dir / "checkpoints"),
-                    filename="best-{step}",
-                    monitor=monitor,
-                    mode="min" if monitor and ("loss" in monitor or "bpb" in monitor or "ppl" in monitor) else "max",
-                    save_top_k=1 if monitor else 0,
-                    save_last=True,
-                )
-            )
-            if cfg.run.ckpt_every_n_steps:
-                # Lightning defers a monitored checkpoint until its metric exists (the next
-                # validation); the periodic last.ckpt must not wait, so it has no monitor.
+            ckpt_dir = str(self.run_dir / "checkpoints")
+            if monitor:
                 cbs.append(
                     ModelCheckpoint(
-                        dirpath=str(self.run_dir / "checkpoints"),
-                        monitor=None,
-                        save_top_k=0,
-                        save_last=True,
-                        every_n_train_steps=cfg.run.ckpt_every_n_steps,
+                        dirpath=ckpt_dir,
+                        filename="best-{step}",
+                        monitor=monitor,
+                        mode="min" if ("loss" in monitor or "bpb" in monitor or "ppl" in monitor) else "max",
+                        save_top_k=1,
+                        save_last=False,
                     )
                 )
+            # Lightning's save_last only rewrites last.ckpt when a top-k save happens in the same
+            # step (so it goes stale once val/loss stops improving), and a monitored checkpoint
+            # waits for its metric. last.ckpt therefore has its own unmonitored callback: written
+            # after every validation, or every N training steps with --run.ckpt_every_n_steps.
+            cbs.append(
+                ModelCheckpoint(
+                    dirpath=ckpt_dir,
+                    filename="last",
+                    monitor=None,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                    every_n_train_steps=cfg.run.ckpt_every_n_steps,
+                )
+            )
+            cbs.append(FinalLastCheckpoint(self.run_dir / "checkpoints" / "last.ckpt"))
         if not any(isinstance(c, TokenThroughput) for c in cbs):
             cbs.append(TokenThroughput())
         config["callbacks"] = cbs
@@ -269,16 +275,17 @@ class MemLMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        if trainer.global_rank != 0:
-            return
         ckpt_cb = trainer.checkpoint_callback
         last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb and ckpt_cb.dirpath else None
+        if trainer.global_rank != 0:
+            return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k in ("val/loss", "val/ppl", "val/bpb", "val/acc"))
         print(f"\nrun directory: {self.run_dir}")
         if last is not None and last.is_file():
             print(f"checkpoint: {last}")
-            if ckpt_cb.best_model_path:
-                print(f"best checkpoint: {ckpt_cb.best_model_path}")
+            best = getattr(ckpt_cb, "best_model_path", "")
+            if best and Path(best).name != "last.ckpt":
+                print(f"best checkpoint: {best}")
         if summary:
             print(f"final validation: {summary}")

@@ -191,3 +191,16 @@ def test_fast_dev_run_micro_config(config, tmp_path, memlm_cache):
     cli = run_cli(tmp_path, "--trainer.fast_dev_run=true", config=config, tiny=False)
     # global_step counts optimizer steps; non-gradient models (HTM, Hebbian) have none
     assert cli.trainer.state.finished and cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed >= 1
+
+
+def test_last_checkpoint_is_the_final_state_even_without_improvement(tmp_path, memlm_cache):
+    """Lightning's save_last only refreshes last.ckpt when the best checkpoint improves; ours
+    must hold the newest state: after every validation and at the final step."""
+    lr_too_high = "--model.init_args.learning_rate=5.0"  # val/loss gets worse after the first check
+    cli = run_cli(tmp_path, "--run.name=fresh", "--trainer.max_steps=7", "--trainer.val_check_interval=2",
+                  lr_too_high, "--model.init_args.warmup_steps=1")
+    ckpt_dir = cli.run_dir / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 7
+    best = [p for p in ckpt_dir.glob("best-*.ckpt")]
+    assert len(best) == 1 and "last" not in best[0].name
