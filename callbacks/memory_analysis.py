@@ -153,9 +153,9 @@ class MemoryAnalysis(L.Callback):
     def _log_images(trainer, paths: list[Path], step: int) -> None:
         for logger in trainer.loggers:
             try:
-                if hasattr(logger, "log_image"):  # WandbLogger (online or offline)
-                    logger.log_image(key="memory_analysis", images=[str(p) for p in paths],
-                                     caption=[p.stem for p in paths], step=step)
+                if hasattr(logger, "log_image"):  # WandbLogger (online or offline); one key per figure
+                    for p in paths:
+                        logger.log_image(key=f"memory_analysis/{p.stem}", images=[str(p)], step=step)
                 elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
                     import matplotlib.image as mpimg
 
