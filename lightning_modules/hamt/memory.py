@@ -74,6 +74,10 @@ def scan_chunk(
     M_c = sum_{c'<=c, same segment} lambda^(c-c') g_c' b_c' + lambda^(c+1) [no reset up to c] M_0
     """
     B, C, D = b.shape
+    if C == 1:  # one token (generation): M = lambda * M_0 [unless reset] + g * b
+        keep = 1.0 if reset is None else (~reset[:, 0]).to(b.dtype)[:, None, None]
+        m = log_decay.exp()[None, :, None] * m0 * keep + g[:, 0, :, None] * b[:, 0, None, :]
+        return m.unsqueeze(2)
     idx = torch.arange(C, device=b.device)
     diff = (idx[:, None] - idx[None, :]).to(log_decay.dtype)  # [C, C]
     causal = idx[:, None] >= idx[None, :]
