@@ -68,9 +68,9 @@ def run_task(task: str, args, dev) -> tuple[list[dict], dict]:
     quick = args.quick
     if task == "mqar":
         L = args.seq_len or 64
-        dm = RecallDataModule(task="mqar", seq_len=L, num_kv_pairs=args.kv_pairs or (4 if quick else 8),
+        dm = RecallDataModule(task="mqar", seq_len=L, num_kv_pairs=args.kv_pairs or 4,
                               num_keys=args.keys, num_values=args.keys, seed=7)
-        steps = args.steps or (120 if quick else 1500)
+        steps = args.steps or (120 if quick else 600)
         n_eval, width = (64 if quick else 256), args.width
     else:
         L = args.seq_len or 256
@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--kv-pairs", type=int, default=None)
-    ap.add_argument("--keys", type=int, default=32, help="MQAR key and value vocabulary sizes")
+    ap.add_argument("--keys", type=int, default=16, help="MQAR key and value vocabulary sizes")
     ap.add_argument("--max-key", type=int, default=50000)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
