@@ -70,8 +70,8 @@ def run_task(task: str, args, dev) -> tuple[list[dict], dict]:
         L = args.seq_len or 64
         dm = RecallDataModule(task="mqar", seq_len=L, num_kv_pairs=args.kv_pairs or 4,
                               num_keys=args.keys, num_values=args.keys, seed=7)
-        steps = args.steps or (120 if quick else 600)
-        n_eval, width = (64 if quick else 256), args.width
+        steps = args.steps or (80 if quick else 600)
+        n_eval, width = (32 if quick else 256), args.width
     else:
         L = args.seq_len or 256
         dm = RecallDataModule(task="passkey", seq_len=L, max_key=args.max_key, seed=7)
