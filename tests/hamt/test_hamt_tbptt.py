@@ -2,7 +2,6 @@
 resume continues exactly, DDP ranks keep their own streams."""
 import lightning as L
 import numpy as np
-import pytest
 import torch
 
 from callbacks.tbptt import TBPTT
@@ -71,7 +70,6 @@ def _trainer(tmp_path, max_steps, **kw):
                      gradient_clip_val=1.0, **kw)
 
 
-@pytest.mark.slow
 def test_key_in_chunk_1_is_recalled_in_chunk_3(tmp_path):
     L.seed_everything(0)
     model = _tiny()
