@@ -194,10 +194,10 @@ class HolographicMemory(nn.Module):
         B, T, D = h.shape
         K = self.conv_kernel
         if state is None:
-            m0 = h.new_zeros(B, self.n_slots, D)
+            m0 = h.new_zeros(B, self.n_slots, D, dtype=torch.float32)
             conv_in = h.new_zeros(B, K - 1, D)
-        else:
-            m0, conv_in = state["M"].to(h.dtype), state["conv"].to(h.dtype)
+        else:  # the memory is kept in float32 (decays near 1 are not representable in bf16)
+            m0, conv_in = state["M"].float(), state["conv"].to(h.dtype)
         xin = torch.cat([conv_in, h], dim=1)
         z = F.silu(self._causal_conv(xin, T, reset))  # [B, T, D]
         new_conv = xin[:, -(K - 1) :] if K > 1 else conv_in
@@ -209,7 +209,7 @@ class HolographicMemory(nn.Module):
         attn_q = qout[..., D:]
         b = hb.bind(item, key, self.binding)
         gate_logits = self.w_gate(zin[..., : 2 * D])  # from [query, item]: [B, T, S]
-        log_decay = self.log_decay().to(h.dtype)
+        log_decay = self.log_decay()  # float32
 
         outs, gates, rec_sum = [], [], []
         m = m0
@@ -234,7 +234,8 @@ class HolographicMemory(nn.Module):
             r_c = [None] * len(b_c) if reset is None else reset.split(C, dim=1)
             m_chunks = []
             for b_i, g_i, r_i in zip(b_c, g_chunks, r_c):
-                m_all = scan_chunk(b_i, g_i, log_decay, m, r_i)  # [B, S, c, D]
+                with torch.autocast(device_type=h.device.type, enabled=False):  # the scan runs in float32
+                    m_all = scan_chunk(b_i.float(), g_i.float(), log_decay, m, r_i)  # [B, S, c, D]
                 m = m_all[:, :, -1]
                 m_chunks.append(m_all)
         for i, (m_all, g_i) in enumerate(zip(m_chunks, g_chunks)):

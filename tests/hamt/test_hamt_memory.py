@@ -121,3 +121,16 @@ def test_aux_reconstruction_loss_and_metrics():
     assert key_rows.abs().sum() > 0
     model.eval()
     assert model(torch.randint(0, 30, (2, 24))).aux_losses == {}
+
+
+def test_memory_state_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = HAMTModel(HAMTConfig(vocab_size=30, n_layer=2, n_embd=32, tau_max=16384.0)).eval()
+    x = torch.randint(0, 30, (2, 40))
+    with torch.no_grad():
+        ref = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert all(layer["M"].dtype == torch.float32 for layer in out.state["layers"])
+    assert torch.isfinite(out.logits.float()).all()
+    assert (out.logits.float() - ref).abs().max() < 0.1
