@@ -23,7 +23,7 @@ def _to_batch(x: np.ndarray, y: np.ndarray, **extra) -> dict:
     return batch
 
 
-class _ResumableLoader:
+class ResumableLoader:
     def __init__(self, epoch_fn: Callable[[], int] | None = None) -> None:
         self.epoch_fn = epoch_fn or (lambda: 0)
         self._start = 0  # batches to skip on the next __iter__ (resume)
@@ -57,7 +57,7 @@ class _ResumableLoader:
         self._start = consumed if consumed < self.num_batches() else 0
 
 
-class RandomWindowLoader(_ResumableLoader):
+class RandomWindowLoader(ResumableLoader):
     """Batches of ``batch_size`` windows at random offsets (seeded by seed, epoch, rank)."""
 
     def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, steps: int, seed: int = 0,
@@ -82,7 +82,7 @@ class RandomWindowLoader(_ResumableLoader):
         return _to_batch(w[:, :-1], w[:, 1:])
 
 
-class SequentialWindowLoader(_ResumableLoader):
+class SequentialWindowLoader(ResumableLoader):
     """Non-overlapping windows covering the split in order (evaluation), sharded by rank."""
 
     def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -104,7 +104,7 @@ class SequentialWindowLoader(_ResumableLoader):
         return _to_batch(tok[:, :-1], tok[:, 1:])
 
 
-class StreamLoader(_ResumableLoader):
+class StreamLoader(ResumableLoader):
     """``batch_size`` contiguous streams per rank, read in order, chunk by chunk (TBPTT).
 
     The split is cut into ``world_size * batch_size`` equal streams; rank r owns streams

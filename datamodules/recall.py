@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from datamodules.loaders import _ResumableLoader
+from datamodules.loaders import ResumableLoader
 from datamodules.tokenizer import SPECIALS, UNK, TextTokenizer, build_tokenizer
 from memlm.errors import MemLMError
 
@@ -94,7 +94,7 @@ def passkey_texts(rng: np.random.Generator, n: int, length: int, max_key: int, d
     return texts, starts, keys
 
 
-class _RecallLoader(_ResumableLoader):
+class _RecallLoader(ResumableLoader):
     """Batches of whole sequences, or (``chunk``) consecutive chunks of each group of sequences."""
 
     def __init__(self, make_rows, n_rows: int, length: int, batch_size: int, chunk: int | None, epoch_fn=None,
