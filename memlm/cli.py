@@ -117,6 +117,8 @@ class MemLMCLI(LightningCLI):
             help="default loggers when trainer.logger is not given: any of wandb, csv, tensorboard, none",
         )
         parser.add_argument("--run.wandb_project", type=str, default="memlm")
+        parser.add_argument("--run.num_threads", type=int | None, default=None,
+                            help="torch intra-op CPU threads (default: torch's choice; 1 helps on oversubscribed CPUs)")
         parser.add_argument("--run.ckpt_every_n_steps", type=int | None, default=None,
                             help="also write last.ckpt every N training steps (default: after each validation)")
 
@@ -151,6 +153,10 @@ class MemLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub_config()
+        if cfg.run.num_threads:
+            import torch
+
+            torch.set_num_threads(int(cfg.run.num_threads))
         if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
             self.run_dir = Path(os.environ[RUN_DIR_ENV])  # DDP child: reuse rank 0's directory
             cfg.trainer.default_root_dir = str(self.run_dir)

@@ -204,3 +204,15 @@ def test_last_checkpoint_is_the_final_state_even_without_improvement(tmp_path, m
     assert last["global_step"] == 7
     best = [p for p in ckpt_dir.glob("best-*.ckpt")]
     assert len(best) == 1 and "last" not in best[0].name
+
+
+def test_num_threads_option_sets_torch_threads(tmp_path, memlm_cache):
+    before = torch.get_num_threads()
+    try:
+        run_cli(tmp_path, "--run.name=threads", "--trainer.fast_dev_run=true", "--run.num_threads=1")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        run_cli(tmp_path, "--run.name=threads2", "--trainer.fast_dev_run=true", "--run.num_threads=2")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
