@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lightning_modules.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
-from lightning_modules.transformer import GPT, GPTConfig, KVCache  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import MemLMError, run_main  # noqa: E402
+from memlm.models.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
+from memlm.models.transformer import GPT, GPTConfig, KVCache  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import MemLMError, run_main  # noqa: E402
 
 
 def state_bytes(state) -> int:

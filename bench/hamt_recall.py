@@ -4,7 +4,7 @@ HAMT vs the transformer baseline of matched parameters, trained with the same bu
     python bench/hamt_recall.py [--quick] [--task mqar|passkey|all] [--steps N]
 
 Both models train in the same process, step for step interleaved, on the same freshly generated
-batches (datamodules.recall: seeded MQAR / passkey generators), with the same optimiser settings.
+batches (memlm.datamodules.recall: seeded MQAR / passkey generators), with the same optimiser settings.
 Evaluation uses fixed held-out sequences at each length. HAMT reads any length (constant state);
 the transformer sees the whole sequence with RoPE positions beyond its training length.
 
@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from datamodules.recall import RecallDataModule  # noqa: E402
-from lightning_modules.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
-from lightning_modules.transformer import GPT, GPTConfig  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.datamodules.recall import RecallDataModule  # noqa: E402
+from memlm.models.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
+from memlm.models.transformer import GPT, GPTConfig  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 
 def build(vocab: int, width: int, max_len: int, dev):

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lightning_modules.hamt.memory import scan_chunk, scan_reference  # noqa: E402
-from lightning_modules.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
-from lightning_modules.transformer import GPT, GPTConfig  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.models.hamt.memory import scan_chunk, scan_reference  # noqa: E402
+from memlm.models.hamt.model import HAMTConfig, HAMTModel  # noqa: E402
+from memlm.models.transformer import GPT, GPTConfig  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 SIZES = {  # (hamt layers, transformer layers, width, heads): matched non-embedding parameters
     "micro": (4, 5, 128, 4),

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.hebbian.learner import ContinualLearner, LearnerConfig  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.models.hebbian.learner import ContinualLearner, LearnerConfig  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 ANIMALS = ["cat", "dog", "bird", "fox", "horse", "mouse", "cow", "duck", "frog", "bear", "lion", "goat", "owl", "pig"]
 ADJS = ["little", "big", "old", "young", "happy", "sleepy", "brown", "white"]
@@ -63,7 +63,7 @@ def oracle_accuracy(learner: ContinualLearner, texts: list[str], memory: list[st
     frequent continuation of the exact prefix (a tie between k continuations counts 1/k)."""
     from collections import Counter, defaultdict
 
-    from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID
+    from memlm.models.hebbian.vocab import BOS_ID, EOS_ID
 
     def units(t):
         return [BOS_ID] + learner.vocab.encode(t) + [EOS_ID]
@@ -196,7 +196,7 @@ def main() -> int:
     print_table(speed_rows)
 
     # 4. dialogue recall vs column size
-    from datamodules.conversation import TURN_SEPARATOR, builtin_items
+    from memlm.datamodules.conversation import TURN_SEPARATOR, builtin_items
 
     items = builtin_items(2000 if args.quick else 4000, args.seed)
     qa: dict[str, set] = {}

@@ -5,7 +5,7 @@ CPU, and the FLOPs (and time) saved by HMST's early exit.
 
 - HMST: configs/hmst_micro.yaml's model (vocab 2048). Its full stage-1 training step is
   timed (MoE, Mamba SSM, FAISS read + write, episodic store, controller, critic, exit head).
-- Transformer: the baseline GPT (lightning_modules.transformer) with the same width and
+- Transformer: the baseline GPT (memlm.lightning_modules.transformer) with the same width and
   depth, its MLP width chosen so that its non-embedding parameters equal HMST's active
   non-embedding parameters of the language path (experts counted at top_k/n_experts;
   controller and critic excluded, they are off the token path).
@@ -29,10 +29,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
-from lightning_modules.transformer import TransformerLM  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
+from memlm.lightning_modules.transformer import TransformerLM  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
@@ -80,12 +80,12 @@ def fwd_time(fn, repeats):
 def gate_ablation(ckpt: str, max_tokens: int) -> list[dict]:
     import torch.nn.functional as F
 
-    from datamodules.text import TextDataModule
+    from memlm.datamodules.text import TextDataModule
     from memlm.checkpoint import load_module
 
     m = load_module(ckpt)
     if not isinstance(m, HMSTLanguageModel):
-        from memlm.errors import MemLMError
+        from memlm.core.errors import MemLMError
 
         raise MemLMError(f"{ckpt} is not an HMST checkpoint")
     T = m.config.block_size
@@ -93,7 +93,7 @@ def gate_ablation(ckpt: str, max_tokens: int) -> list[dict]:
     dm.prepare_data()
     dm.setup("fit")
     if dm.tokenizer.fingerprint() != m.tokenizer.fingerprint():
-        from memlm.errors import MemLMError
+        from memlm.core.errors import MemLMError
 
         raise MemLMError("the checkpoint was not trained on the builtin corpus with this tokenizer; use an hmst_micro checkpoint")
     ids = torch.as_tensor(dm.split_ids("val").astype("int64"))

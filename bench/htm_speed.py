@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_modules.htm.spatial_pooler import SpatialPooler  # noqa: E402
-from lightning_modules.htm.temporal_memory import TemporalMemory  # noqa: E402
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.models.htm.spatial_pooler import SpatialPooler  # noqa: E402
+from memlm.models.htm.temporal_memory import TemporalMemory  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 
 class Clock:

@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 DAY = 86400.0
 T0 = 1_750_000_000.0
@@ -160,9 +160,9 @@ def score(texts: list[str], current: str, stale: list[str]) -> tuple[bool, bool]
 
 
 def run_ltml(db: Path, sessions, current, stale, embedder, budget: int, k: int) -> dict:
-    from memory.ltml.sleep import sleep
-    from memory.ltml.store import Store
-    from memory.ltml.wake import WakeConfig, wake
+    from memlm.memory.ltml.sleep import sleep
+    from memlm.memory.ltml.store import Store
+    from memlm.memory.ltml.wake import WakeConfig, wake
 
     store = Store(db)
     now = log_user(store, sessions)
@@ -202,7 +202,7 @@ def run_ltml(db: Path, sessions, current, stale, embedder, budget: int, k: int) 
 
 
 def run_raw_rag(sessions, current, stale, embedder, k: int) -> dict:
-    from memory.ltml.wake import HEADER, estimate_tokens
+    from memlm.memory.ltml.wake import HEADER, estimate_tokens
 
     msgs = [text for sess in sessions for role, text in sess if role == "user"]
     mat = embedder.encode(msgs)
@@ -238,7 +238,7 @@ def main() -> int:
     args = p.parse_args()
     users = args.users or (2 if args.quick else 8)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from memory.ltml.embeddings import HashEmbedder, MiniLMEmbedder
+    from memlm.memory.ltml.embeddings import HashEmbedder, MiniLMEmbedder
 
     t = time.perf_counter()
     minilm = MiniLMEmbedder()

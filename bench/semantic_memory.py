@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memlm.bench import print_result, print_table  # noqa: E402
-from memlm.errors import MemLMError, run_main  # noqa: E402
-from memory.semantic import SemanticMemory  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import MemLMError, run_main  # noqa: E402
+from memlm.memory.semantic import SemanticMemory  # noqa: E402
 
 
 def clustered_keys(n: int, dim: int, n_clusters: int, seed: int) -> torch.Tensor:

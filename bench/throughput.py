@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memlm.bench import measure_matmul_peak_flops, print_result, print_table  # noqa: E402
-from memlm.cli import MemLMCLI  # noqa: E402
-from memlm.errors import run_main  # noqa: E402
+from memlm.core.bench import measure_matmul_peak_flops, print_result, print_table  # noqa: E402
+from memlm.apps.cli import MemLMCLI  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
 
 
 class _StepTimer(L.Callback):

@@ -1,2 +1,1 @@
-"""Lightning callbacks shared by MemLM architectures."""
-from callbacks.throughput import TokenThroughput  # noqa: F401
+"""Lightning callbacks shared by MemLM architectures (TBPTT, throughput, checkpoints, analysis, LTML sleep)."""

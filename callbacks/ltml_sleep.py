@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: callbacks.ltml_sleep.LTMLSleep
+        - class_path: memlm.callbacks.ltml_sleep.LTMLSleep
           init_args: {db: ltml.sqlite, every_n_train_steps: 500, embedder: auto}
 
 Use it when a training or fine-tuning run also produces or reads chat logs (e.g. a
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import lightning as L
 
-from memory.ltml.embeddings import get_embedder
-from memory.ltml.sleep import SleepConfig, sleep
-from memory.ltml.store import Store
+from memlm.memory.ltml.embeddings import get_embedder
+from memlm.memory.ltml.sleep import SleepConfig, sleep
+from memlm.memory.ltml.store import Store
 
 
 class LTMLSleep(L.Callback):

@@ -11,7 +11,7 @@ import time
 import lightning as L
 import torch
 
-from memlm.bench import measure_matmul_peak_flops
+from memlm.core.bench import measure_matmul_peak_flops
 
 # Dense (non-sparse) peak FLOP/s for bf16/fp16 tensor cores; fp32 where noted.
 GPU_PEAK_FLOPS = {

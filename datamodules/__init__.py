@@ -1,2 +1,1 @@
-"""Shared text datamodules, tokenizers and samplers."""
-from datamodules.tokenizer import TextTokenizer, build_tokenizer  # noqa: F401
+"""Shared text datamodules and samplers; the tokenizer itself is ``memlm.core.tokenizer``."""

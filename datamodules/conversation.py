@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 TURN_SEPARATOR = "\x1e"
 MAX_UTTERANCE_CHARS = 300

@@ -119,7 +119,7 @@ class StreamLoader(ResumableLoader):
         n_streams = batch_size * world_size
         self.stream_len = len(ids) // n_streams
         if self.stream_len < block_size + 1:
-            from memlm.errors import MemLMError
+            from memlm.core.errors import MemLMError
 
             raise MemLMError(
                 f"split of {len(ids)} tokens is too short for {n_streams} streams of block_size {block_size}; "

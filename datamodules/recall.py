@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from datamodules.loaders import ResumableLoader
-from datamodules.tokenizer import SPECIALS, UNK, TextTokenizer, build_tokenizer
-from memlm.errors import MemLMError
+from memlm.datamodules.loaders import ResumableLoader
+from memlm.core.tokenizer import SPECIALS, UNK, TextTokenizer, build_tokenizer
+from memlm.core.errors import MemLMError
 
 IGNORE = -100
 FILLER_TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 Splits = dict[str, list[str]]
 

@@ -16,10 +16,10 @@ from typing import Literal
 import lightning as L
 import numpy as np
 
-from datamodules import sources
-from datamodules.loaders import RandomWindowLoader, SequentialWindowLoader, StreamLoader
-from datamodules.tokenizer import EOS, TextTokenizer, build_tokenizer
-from memlm.errors import MemLMError
+from memlm.datamodules import sources
+from memlm.datamodules.loaders import RandomWindowLoader, SequentialWindowLoader, StreamLoader
+from memlm.core.tokenizer import EOS, TextTokenizer, build_tokenizer
+from memlm.core.errors import MemLMError
 
 SPLITS = ("train", "val", "test")
 

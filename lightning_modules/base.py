@@ -14,8 +14,9 @@ from typing import Iterator
 import lightning as L
 import torch
 
-from datamodules.tokenizer import TextTokenizer
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
+from memlm.core.sampling import sample_next  # noqa: F401 (re-exported)
+from memlm.core.tokenizer import TextTokenizer
 
 CHECKPOINT_FORMAT = 1
 LN2 = math.log(2.0)
@@ -111,31 +112,3 @@ class MemLMModule(L.LightningModule):
     def embed(self, ids: list[int]) -> torch.Tensor:
         """A fixed-size vector for a token sequence (used by /v1/embeddings and LTML)."""
         raise MemLMError(f"{type(self).__name__} has no embedding")
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample token ids from ``logits`` [B, V] with temperature, top-k and nucleus filtering.
-
-    ``temperature <= 0`` means greedy decoding.
-    """
-    if temperature is None or temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        cum = probs.cumsum(-1)
-        drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -21,36 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import SumMetric
 
-from lightning_modules.base import LN2, MemLMModule, sample_next
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
+from memlm.core.outputs import ModelOutput, detach_state  # noqa: F401 (re-exported for subclasses)
+from memlm.core.sampling import sample_next
+from memlm.lightning_modules.base import LN2, MemLMModule
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class ModelOutput:
-    """What every MemLM ``nn.Module`` returns."""
-
-    logits: torch.Tensor  # [B, T, V]
-    state: Any = None  # carried to the next call (KV cache, recurrent memory, ...)
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # added to the loss, logged as aux/<k>
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as mem/<k> (or the key as given if it has '/')
-    hidden: torch.Tensor | None = None  # [B, T, D] final hidden states (for embeddings)
-
-
-def detach_state(state: Any) -> Any:
-    """Detach every tensor in a nested state (truncated BPTT)."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach_state(v) for v in state)
-    if hasattr(state, "detach"):
-        return state.detach()
-    return state
 
 
 class _EvalSums(nn.Module):

@@ -14,25 +14,24 @@ from pathlib import Path
 
 import torch
 
-from memlm.errors import MemLMError, run_main
+from memlm.core.checkpoint_io import read_checkpoint
+from memlm.core.errors import MemLMError, run_main
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise MemLMError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise MemLMError(f"cannot read checkpoint {path}: it is corrupt or not a MemLM/Lightning checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise MemLMError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    if "memlm" not in ckpt:
-        raise MemLMError(f"{path} was not written by MemLM (no 'memlm' section); train it with train.py")
-    return ckpt
+# Checkpoints written before the packages moved under ``memlm.`` name their class by the old
+# top-level module (``lightning_modules.transformer.TransformerLM``); the weights are the same.
+LEGACY_PREFIXES = ("lightning_modules.", "callbacks.", "datamodules.", "memory.")
+
+
+def upgrade_class_path(class_path: str) -> str:
+    """The current import path of a class recorded by an older MemLM checkpoint."""
+    if class_path.startswith(LEGACY_PREFIXES):
+        return "memlm." + class_path
+    return class_path
 
 
 def resolve_class(class_path: str):
+    class_path = upgrade_class_path(class_path)
     module_name, _, cls_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), cls_name)

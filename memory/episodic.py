@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 
 class EpisodicStore:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 

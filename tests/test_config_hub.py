@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from memlm.checkpoint import resolve_class
-from memlm.cli import MemLMCLI
+from memlm.apps.cli import MemLMCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

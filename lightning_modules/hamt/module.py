@@ -5,17 +5,17 @@ from typing import Any
 
 import torch
 
-from datamodules.tokenizer import TextTokenizer
-from lightning_modules.hamt.model import HAMTConfig, HAMTModel
-from lightning_modules.language_model import LanguageModel, ModelOutput
-from memlm.errors import MemLMError
+from memlm.core.tokenizer import TextTokenizer
+from memlm.models.hamt.model import HAMTConfig, HAMTModel
+from memlm.lightning_modules.language_model import LanguageModel, ModelOutput
+from memlm.core.errors import MemLMError
 
 
 class HAMTLanguageModel(LanguageModel):
     """Holographic Associative Memory Transformer: constant-size memory, TBPTT across stream chunks.
 
     The base class carries ``self.carried_state`` (detached) between training steps; the
-    :class:`callbacks.tbptt.TBPTT` callback (added automatically unless the trainer has one)
+    :class:`memlm.callbacks.tbptt.TBPTT` callback (added automatically unless the trainer has one)
     resets it at epoch start and on ``batch["first"]``, and stores it in checkpoints.
     """
 
@@ -92,7 +92,7 @@ class HAMTLanguageModel(LanguageModel):
         self.config.reset_token_id = tokenizer.eos_id if self.reset_on_eos else None
 
     def configure_callbacks(self):
-        from callbacks.tbptt import TBPTT
+        from memlm.callbacks.tbptt import TBPTT
 
         trainer = self._trainer
         if trainer is not None and any(isinstance(cb, TBPTT) for cb in trainer.callbacks):

@@ -2,7 +2,7 @@
 
     python train.py fit --config configs/hebbian_tiny.yaml
 
-Each training batch is a list of raw strings from :class:`datamodules.conversation.ConversationDataModule`;
+Each training batch is a list of raw strings from :class:`memlm.datamodules.conversation.ConversationDataModule`;
 every string is learned once, in order, by local plasticity (``automatic_optimization = False``,
 ``configure_optimizers`` returns None). Logged: ``train/acc`` (prequential next-unit accuracy:
 predicted before the unit was learned), ``train/vocab_size``, ``train/neurons``,
@@ -25,10 +25,10 @@ from typing import Iterator
 
 import torch
 
-from lightning_modules.base import LN2, MemLMModule
-from lightning_modules.hebbian.learner import READOUT_GAIN, ContinualLearner, LearnerConfig
-from lightning_modules.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
-from memlm.errors import MemLMError
+from memlm.lightning_modules.base import LN2, MemLMModule
+from memlm.models.hebbian.learner import READOUT_GAIN, ContinualLearner, LearnerConfig
+from memlm.models.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
+from memlm.core.errors import MemLMError
 
 
 class HebbianTokenizer:
@@ -164,7 +164,7 @@ class HebbianLanguageModel(MemLMModule):
             return list(batch)
         raise MemLMError(
             "HebbianLanguageModel learns from raw strings; use data.class_path: "
-            "datamodules.conversation.ConversationDataModule"
+            "memlm.datamodules.conversation.ConversationDataModule"
         )
 
     def training_step(self, batch, batch_idx):

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from lightning_modules.hmst.model import HMSTConfig, HMSTModel, HMSTOutput
-from lightning_modules.language_model import IGNORE_INDEX, LanguageModel, detach_state
-from memlm.errors import MemLMError
-from memory.episodic import EpisodicStore
-from memory.semantic import SemanticMemory
+from memlm.models.hmst.model import HMSTConfig, HMSTModel, HMSTOutput
+from memlm.lightning_modules.language_model import IGNORE_INDEX, LanguageModel, detach_state
+from memlm.core.errors import MemLMError
+from memlm.memory.episodic import EpisodicStore
+from memlm.memory.semantic import SemanticMemory
 
 DEFAULT_TRAIN_SCHEDULE = {"exit": 0.05, "episodic": 0.9, "semantic": 0.9, "verify": 0.25, "expert_bias": 0.1}
 DEFAULT_EVAL_SCHEDULE = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}

@@ -26,12 +26,12 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from lightning_modules.base import LN2, MemLMModule, sample_next
-from lightning_modules.htm.classifier import SDRClassifier
-from lightning_modules.htm.encoder import TokenEncoder
-from lightning_modules.htm.spatial_pooler import SpatialPooler
-from lightning_modules.htm.temporal_memory import StreamState, TemporalMemory
-from memlm.errors import MemLMError
+from memlm.lightning_modules.base import LN2, MemLMModule, sample_next
+from memlm.models.htm.classifier import SDRClassifier
+from memlm.models.htm.encoder import TokenEncoder
+from memlm.models.htm.spatial_pooler import SpatialPooler
+from memlm.models.htm.temporal_memory import StreamState, TemporalMemory
+from memlm.core.errors import MemLMError
 
 
 def _to_tensors(state: dict) -> dict:

@@ -11,7 +11,7 @@ Choice (``--embedder``), in the order ``auto`` tries them:
   a lexical fallback, used only when asked for or when nothing above is available).
 
 Every embedder has a ``name`` recorded in the database; when it changes, the store's
-memories are re-embedded before use (see :func:`memory.ltml.sleep.ensure_embedder`).
+memories are re-embedded before use (see :func:`memlm.memory.ltml.sleep.ensure_embedder`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 
 class Embedder(Protocol):
@@ -135,9 +135,9 @@ class OpenAIEmbedder:
     dup_threshold = 0.9
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None) -> None:
-        from memlm.chat_backends import OpenAIBackend
+        from memlm.core.openai_client import OpenAIClient
 
-        self.backend = OpenAIBackend(base_url, model=model, api_key=api_key)
+        self.backend = OpenAIClient(base_url, model=model, api_key=api_key)
         self.name = f"openai:{self.backend.model}"
         self.dim = int(self.encode(["dimension probe"]).shape[1])
 
@@ -178,8 +178,13 @@ def get_embedder(
     api_key: str | None = None,
     module=None,
     log: Callable[[str], None] | None = None,
+    load_checkpoint: Callable[[str], object] | None = None,
 ) -> Embedder:
-    """Build the embedder named by ``spec`` (see the module docstring)."""
+    """Build the embedder named by ``spec`` (see the module docstring).
+
+    ``load_checkpoint(path) -> module`` serves ``ckpt:PATH``; the applications pass
+    :func:`memlm.checkpoint.load_module` (this layer cannot import a LightningModule).
+    """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     spec = (spec or "auto").strip()
     if spec == "hash" or spec.startswith("hash-"):
@@ -193,10 +198,10 @@ def get_embedder(
         model = spec.split(":", 1)[1] if ":" in spec else None
         return OpenAIEmbedder(base_url, model=model, api_key=api_key)
     if spec.startswith("ckpt:"):
-        from memlm.checkpoint import load_module
-
+        if load_checkpoint is None:
+            raise MemLMError("--embedder ckpt:PATH is available from chat.py, serve.py and python -m memlm.apps.ltml")
         path = spec.split(":", 1)[1]
-        return ModuleEmbedder(load_module(path), name=os.path.basename(path))
+        return ModuleEmbedder(load_checkpoint(path), name=os.path.basename(path))
     if spec == "module":
         if module is None:
             raise MemLMError("--embedder module needs a local checkpoint (--ckpt PATH)")

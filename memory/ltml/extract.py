@@ -266,7 +266,7 @@ def parse_llm_items(reply: str) -> list[Candidate] | None:
 
 
 def extract_llm(messages: list[tuple[str, str]], backend) -> list[Candidate] | None:
-    """Ask ``backend`` (a :class:`memlm.chat_backends.ChatBackend`) to extract memories."""
+    """Ask ``backend`` (a :class:`memlm.apps.chat_backends.ChatBackend`) to extract memories."""
     convo = "\n".join(f"[{i}] {role}: {content}" for i, (role, content) in enumerate(messages))
     reply = backend.chat([{"role": "user", "content": LLM_PROMPT + convo}], max_tokens=512, temperature=0.0)
     return parse_llm_items(reply)

@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memory.ltml.store import Store
+from memlm.memory.ltml.store import Store
 
 
 class MemoryIndex:

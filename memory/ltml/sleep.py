@@ -35,9 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from memory.ltml.extract import Candidate, extract_llm, extract_rules, norm_value
-from memory.ltml.index import MemoryIndex
-from memory.ltml.store import Memory, Store
+from memlm.memory.ltml.extract import Candidate, extract_llm, extract_rules, norm_value
+from memlm.memory.ltml.index import MemoryIndex
+from memlm.memory.ltml.store import Memory, Store
 
 DAY = 86400.0
 PAUSE_ENV = "MEMLM_LTML_SLEEP_PAUSE"  # seconds to wait after each committed batch (crash tests)

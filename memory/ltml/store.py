@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from memlm.errors import MemLMError
+from memlm.core.errors import MemLMError
 
 KINDS = ("fact", "preference", "lesson")
 
@@ -309,7 +309,7 @@ class Store:
         with self._lock:
             row = self.conn.execute(f"SELECT {_MEM_COLS} FROM memories WHERE id=?", (memory_id,)).fetchone()
         if row is None:
-            raise MemLMError(f"no memory with id {memory_id}; list them with python -m memory.ltml list --db {self.path}")
+            raise MemLMError(f"no memory with id {memory_id}; list them with python -m memlm.apps.ltml list --db {self.path}")
         return _row_to_memory(row)
 
     def get_many(self, memory_ids: Iterable[int], with_embeddings: bool = False) -> list[Memory]:

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from memory.ltml.index import MemoryIndex
-from memory.ltml.store import Memory, Store
+from memlm.memory.ltml.index import MemoryIndex
+from memlm.memory.ltml.store import Memory, Store
 
 DAY = 86400.0
 HEADER = "Memories of this user from earlier chats (newer facts win):"

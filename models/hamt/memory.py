@@ -1,0 +1,290 @@
+"""The holographic slot memory of one HAMT layer.
+
+State per layer: ``M`` [B, S, D] (S slots of D-dim superposed bindings) and the short causal
+convolution's last K-1 inputs. One token costs O(S·D) time and the state never grows.
+
+Write (per token t, slot s)::
+
+    b_t     = bind(i_t, k_t)                                   # item bound to its key
+    g_t,s   = sigmoid(W_g[q_t; i_t]_s + bias_s [+ w_s · rms(M_t-1,s)])   # write gate
+    M_t,s   = lambda_s · M_t-1,s + g_t,s · b_t                 # passive decay, gated write
+
+Read::
+
+    u_t     = key_fn(W_u q_t)                                  # learned retrieval head: unbinding key
+    r_t,s   = gamma * unbind(M_t,s / rms(M_t,s), u_t)          # RMS normalisation at read time, learnable scale
+    a_t     = softmax_s(<W_a q_t, r~_t,s> / sqrt(D) + c_s)     # per-slot read weights
+    c_t     = sum_s a_t,s r~_t,s ;  out_t = W_o [h_t; c_t]      # context fused with the hidden state
+
+Because normalisation happens at read time, the write recurrence is *linear in M* when the gate does
+not look at the state (``gate_mode="parallel"``): a chunk of C tokens is computed at once as
+``M_chunk = L @ (g*b) + lambda^(c+1) M_0`` with ``L[s, c, c'] = lambda_s^(c-c')`` (log-space
+decays, causal mask, document-boundary segments), carrying only ``M`` between chunks, like gated
+linear attention. ``gate_mode="recurrent"`` adds the slot-state term to the gate, which makes the
+recurrence nonlinear; it then runs as a sequential scan over cheap tensors (optionally compiled).
+
+Keys (``key_source``): ``position`` = fixed keys per absolute position (seeded hash, see
+:mod:`binding`); ``content`` = keys computed from the token context (bipolar via tanh, or unitary
+for circular binding). Recall of a value by its key needs content keys, because a query cannot
+know at which position its key was written; positional keys give a position-indexed sequence
+memory. Both are deterministic in eval mode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.models.hamt import binding as hb
+
+EPS = 1e-6
+
+
+def rms_normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+# -- the linear scan, three ways ------------------------------------------------------------
+def scan_reference(
+    b: torch.Tensor, g: torch.Tensor, log_decay: torch.Tensor, m0: torch.Tensor, reset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token loop of ``M_t = lambda*M_{t-1} + g_t*b_t`` (the ground truth for tests).
+
+    b [B,T,D], g [B,T,S], log_decay [S], m0 [B,S,D], reset [B,T] bool (clear before writing t).
+    Returns M for every step: [B,S,T,D].
+    """
+    lam = log_decay.exp()[None, :, None]
+    m = m0
+    out = []
+    for t in range(b.size(1)):
+        if reset is not None:
+            m = m * (~reset[:, t]).to(m.dtype)[:, None, None]
+        m = lam * m + g[:, t, :, None] * b[:, t, None, :]
+        out.append(m)
+    return torch.stack(out, dim=2)
+
+
+def scan_chunk(
+    b: torch.Tensor, g: torch.Tensor, log_decay: torch.Tensor, m0: torch.Tensor, reset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same recurrence for one chunk, computed in parallel (no loop over tokens).
+
+    M_c = sum_{c'<=c, same segment} lambda^(c-c') g_c' b_c' + lambda^(c+1) [no reset up to c] M_0
+    """
+    B, C, D = b.shape
+    if C == 1:  # one token (generation): M = lambda * M_0 [unless reset] + g * b
+        keep = 1.0 if reset is None else (~reset[:, 0]).to(b.dtype)[:, None, None]
+        m = log_decay.exp()[None, :, None] * m0 * keep + g[:, 0, :, None] * b[:, 0, None, :]
+        return m.unsqueeze(2)
+    idx = torch.arange(C, device=b.device)
+    diff = (idx[:, None] - idx[None, :]).to(log_decay.dtype)  # [C, C]
+    causal = idx[:, None] >= idx[None, :]
+    logL = diff[None] * log_decay[:, None, None]  # [S, C, C]
+    L = torch.exp(logL.masked_fill(~causal[None], float("-inf")))  # [S, C, C]
+    carry = torch.exp((idx + 1).to(log_decay.dtype)[None, :] * log_decay[:, None])  # [S, C]
+    gb = g.transpose(1, 2).unsqueeze(-1) * b.unsqueeze(1)  # [B, S, C, D]
+    if reset is not None and bool(reset.any()):
+        seg = reset.long().cumsum(1)  # [B, C]
+        same = (seg[:, :, None] == seg[:, None, :]).to(b.dtype)  # [B, C, C]
+        m = torch.matmul(L[None] * same[:, None], gb)
+        carry = carry[None] * (seg == 0).to(b.dtype)[:, None, :]  # [B, S, C]
+        return m + carry.unsqueeze(-1) * m0.unsqueeze(2)
+    return torch.matmul(L[None], gb) + carry[None, :, :, None] * m0.unsqueeze(2)
+
+
+class HolographicMemory(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_slots: int = 8,
+        binding: str = "elementwise",
+        key_source: str = "content",
+        gate_mode: str = "parallel",
+        scan_chunk: int = 64,
+        conv_kernel: int = 4,
+        tau_min: float = 4.0,
+        tau_max: float = 4096.0,
+        key_seed: int = 0,
+        compile_scan: bool = False,
+    ) -> None:
+        super().__init__()
+        if binding not in ("elementwise", "circular"):
+            raise ValueError(f"binding must be elementwise or circular, got {binding!r}")
+        if key_source not in ("content", "position"):
+            raise ValueError(f"key_source must be content or position, got {key_source!r}")
+        if gate_mode not in ("parallel", "recurrent"):
+            raise ValueError(f"gate_mode must be parallel or recurrent, got {gate_mode!r}")
+        self.dim, self.n_slots = dim, n_slots
+        self.binding, self.key_source, self.gate_mode = binding, key_source, gate_mode
+        self.scan_chunk, self.conv_kernel, self.key_seed = scan_chunk, conv_kernel, key_seed
+        # short causal depthwise convolution: lets a write see the previous tokens (key -> value)
+        self.conv = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=True)
+        # fused projections (one matmul each): z -> [query, item, (content key)]; query -> [unbinding key, read probe]
+        self.n_zin = 3 if key_source == "content" else 2
+        self.w_zin = nn.Linear(dim, self.n_zin * dim, bias=False)
+        self.w_qout = nn.Linear(dim, 2 * dim, bias=False)  # retrieval head (unbinding key) + read-weight probe
+        self.w_gate = nn.Linear(2 * dim, n_slots, bias=True)
+        self.w_gate_state = nn.Parameter(torch.zeros(n_slots, dim)) if gate_mode == "recurrent" else None
+        taus = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_slots)
+        lam = 1.0 - 1.0 / taus
+        self.decay_logit = nn.Parameter(torch.log(lam) - torch.log1p(-lam))  # sigmoid^-1(lambda)
+        self.slot_bias = nn.Parameter(torch.zeros(n_slots))
+        self.read_scale = nn.Parameter(torch.ones(dim))  # learnable scale after RMS normalisation
+        self.w_out = nn.Linear(2 * dim, dim, bias=False)
+        with torch.no_grad():
+            self.conv.weight.normal_(0.0, 0.02)
+            self.conv.weight[:, 0, -1] += 1.0  # start close to identity on the current token
+            self.conv.bias.zero_()
+        self._step = torch.compile(self._recurrent_step, dynamic=False) if compile_scan else self._recurrent_step
+
+    # -- pieces --------------------------------------------------------------------------
+    def log_decay(self) -> torch.Tensor:
+        return F.logsigmoid(self.decay_logit.float())
+
+    def _key_fn(self, v: torch.Tensor) -> torch.Tensor:
+        if self.binding == "elementwise":
+            return torch.tanh(2.0 * rms_normalize(v))  # ~bipolar at any weight scale; exact inverse at +-1
+        return hb.unitary(v)  # unit-modulus spectrum: correlation inverts convolution exactly
+
+    def write_keys(self, z: torch.Tensor, pos0: int, key_pre: torch.Tensor | None = None) -> torch.Tensor:
+        if self.key_source == "position":
+            pos = torch.arange(pos0, pos0 + z.size(1), device=z.device)
+            return hb.positional_keys(pos, self.dim, self.binding, self.key_seed).to(z.dtype).expand(z.size(0), -1, -1)
+        return self._key_fn(key_pre)
+
+    def _unbind(self, m: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """m [B, S, C, D] with key [B, C, D]."""
+        return hb.unbind(m, key.unsqueeze(1), self.binding)
+
+    def _causal_conv(self, xin: torch.Tensor, T: int, reset: torch.Tensor | None) -> torch.Tensor:
+        """Depthwise causal conv over [buffer; x]; taps never reach across a document boundary."""
+        K = self.conv_kernel
+        w = self.conv.weight[:, 0, :]  # [D, K]; tap k looks back K-1-k tokens
+        seg = None
+        if reset is not None and bool(reset.any()):
+            seg = torch.cat([reset.new_zeros(reset.size(0), K - 1), reset], 1).long().cumsum(1)  # [B, K-1+T]
+        out = self.conv.bias
+        for k in range(K):
+            tap = xin[:, k : k + T] * w[:, k]
+            if seg is not None and k < K - 1:
+                tap = tap * (seg[:, k : k + T] == seg[:, K - 1 :]).unsqueeze(-1).to(tap.dtype)
+            out = out + tap
+        return out
+
+    def _recurrent_step(self, m, base_t, b_t, lam, keep):
+        m = m * keep
+        slot = (rms_normalize(m) * self.w_gate_state).sum(-1) / math.sqrt(self.dim)
+        g = torch.sigmoid(base_t + slot)
+        m = lam * m + g.unsqueeze(-1) * b_t.unsqueeze(1)
+        return m, g
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        h: torch.Tensor,
+        state: dict | None = None,
+        pos0: int = 0,
+        reset: torch.Tensor | None = None,
+        want_aux: bool = True,
+        want_stats: bool = False,
+    ) -> tuple[torch.Tensor, dict, dict]:
+        """h [B,T,D] (normalised hidden). Returns (out [B,T,D], new state, extras)."""
+        B, T, D = h.shape
+        K = self.conv_kernel
+        if state is None:
+            m0 = h.new_zeros(B, self.n_slots, D, dtype=torch.float32)
+            conv_in = h.new_zeros(B, K - 1, D)
+        else:  # the memory is kept in float32 (decays near 1 are not representable in bf16)
+            m0, conv_in = state["M"].float(), state["conv"].to(h.dtype)
+        xin = torch.cat([conv_in, h], dim=1)
+        z = F.silu(self._causal_conv(xin, T, reset))  # [B, T, D]
+        new_conv = xin[:, -(K - 1) :] if K > 1 else conv_in
+        zin = self.w_zin(z)
+        q, item = zin[..., :D], zin[..., D : 2 * D]
+        key = self.write_keys(z, pos0, zin[..., 2 * D :] if self.n_zin == 3 else None)
+        qout = self.w_qout(q)
+        ukey = self._key_fn(qout[..., :D])
+        attn_q = qout[..., D:]
+        b = hb.bind(item, key, self.binding)
+        gate_logits = self.w_gate(zin[..., : 2 * D])  # from [query, item]: [B, T, S]
+        log_decay = self.log_decay()  # float32
+
+        outs, gates, rec_sum = [], [], []
+        m = m0
+        C = max(1, int(self.scan_chunk))
+        # split once: slicing inside the loop would make every slice's backward write a full-size tensor
+        ukey_c, attn_c, h_c, key_c = (t.split(C, dim=1) for t in (ukey, attn_q, h, key))
+        if self.gate_mode == "recurrent":
+            lam = log_decay.exp()[None, :, None]
+            ms, gs = [], []
+            keep_all = None if reset is None else (~reset).to(h.dtype).unbind(1)
+            one = torch.ones_like(m[:, :1, :1])
+            for t, (base_t, b_t) in enumerate(zip(gate_logits.unbind(1), b.unbind(1))):
+                keep = one if keep_all is None else keep_all[t][:, None, None]
+                m, g_t = self._step(m, base_t, b_t, lam, keep)
+                ms.append(m)
+                gs.append(g_t)
+            m_chunks = torch.stack(ms, dim=2).split(C, dim=2)  # [B, S, c, D] each
+            g_chunks = torch.stack(gs, dim=1).split(C, dim=1)  # [B, c, S] each
+        else:
+            g_chunks = torch.sigmoid(gate_logits).split(C, dim=1)
+            b_c = b.split(C, dim=1)
+            r_c = [None] * len(b_c) if reset is None else reset.split(C, dim=1)
+            m_chunks = []
+            for b_i, g_i, r_i in zip(b_c, g_chunks, r_c):
+                with torch.autocast(device_type=h.device.type, enabled=False):  # the scan runs in float32
+                    m_all = scan_chunk(b_i.float(), g_i.float(), log_decay, m, r_i)  # [B, S, c, D]
+                m = m_all[:, :, -1]
+                m_chunks.append(m_all)
+        for i, (m_all, g_i) in enumerate(zip(m_chunks, g_chunks)):
+            inv = self._slot_inv_rms(m_all)
+            outs.append(self._read(m_all, inv, ukey_c[i], attn_c[i], h_c[i]))
+            gates.append(g_i)
+            if want_aux:
+                rec_sum.append(self._reconstruct(m_all, inv, key_c[i], g_i))
+        out = torch.cat([o[0] for o in outs], dim=1)
+        read_w = torch.cat([o[1] for o in outs], dim=1)  # [B, T, S]
+        g_all = torch.cat(gates, dim=1)  # [B, T, S]
+        new_state = {"M": m, "conv": new_conv}
+        extras: dict = {}
+        if want_aux:
+            rec = torch.cat(rec_sum, dim=1)  # [B, T, D]
+            target = rms_normalize(item.detach().float())
+            extras["recon_mse"] = F.mse_loss(rec.float(), target)
+            extras["fidelity"] = F.cosine_similarity(rec.float(), item.detach().float(), dim=-1).mean().detach()
+        if want_stats:
+            with torch.no_grad():
+                extras["gate_mean_slot"] = g_all.float().mean(dim=(0, 1))  # [S]
+                extras["read_weight_slot"] = read_w.float().mean(dim=(0, 1))  # [S]
+                extras["slot_norm"] = m.float().pow(2).mean(-1).sqrt().mean(0)  # [S]
+                extras["decay"] = log_decay.exp().float()
+                extras["gate_hist"] = g_all.float().flatten()[:4096]
+        extras["gate_mean"] = g_all.float().mean().detach()
+        extras["read_entropy"] = (-(read_w.clamp_min(1e-9).log() * read_w).sum(-1)).float().mean().detach()
+        return out, new_state, extras
+
+    def _slot_inv_rms(self, m_all: torch.Tensor) -> torch.Tensor:
+        """1 / RMS of every slot state: [B, c, S] (normalisation at read time, not in the recurrence)."""
+        norm = torch.linalg.vector_norm(m_all, dim=-1) / math.sqrt(self.dim)  # [B, S, c]
+        return torch.rsqrt(norm.pow(2) + EPS).transpose(1, 2)
+
+    def _read(self, m_all: torch.Tensor, inv: torch.Tensor, ukey: torch.Tensor, attn_q: torch.Tensor, h: torch.Tensor):
+        """r_s = gamma * unbind(M_s / rms(M_s), u); a = softmax(<W_a q, r_s>); c = sum_s a_s r_s.
+
+        Computed without unbinding every slot: <p, unbind(M_s, u)> = <adjoint(p, u), M_s> and
+        sum_s a_s unbind(M_s, u) = unbind(sum_s a_s M_s, u) (unbinding is linear).
+        """
+        probe = hb.unbind_adjoint(attn_q * self.read_scale, ukey, self.binding)  # [B, c, D]
+        logits = torch.einsum("bcd,bscd->bcs", probe, m_all) * inv / math.sqrt(self.dim) + self.slot_bias
+        w = torch.softmax(logits.float(), dim=-1).to(m_all.dtype)  # [B, c, S]
+        mix = torch.einsum("bcs,bscd->bcd", w * inv, m_all)
+        ctx = hb.unbind(mix, ukey, self.binding) * self.read_scale
+        return self.w_out(torch.cat([h, ctx], dim=-1)), w
+
+    def _reconstruct(self, m_all: torch.Tensor, inv: torch.Tensor, key: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Unbind each token's item from M_t with its own write key; gate-weighted mean over the slots."""
+        w = g / g.sum(-1, keepdim=True).clamp_min(EPS)  # [B, c, S]
+        mix = torch.einsum("bcs,bscd->bcd", w * inv, m_all)
+        return rms_normalize(hb.unbind(mix, key, self.binding))

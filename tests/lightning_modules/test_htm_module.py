@@ -1,0 +1,153 @@
+"""HTMLanguageModel: high-order prediction through the whole pipeline, Lightning training
+without an optimizer, exact checkpoint round trip, generation and validation leave the state alone."""
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from memlm.core.tokenizer import build_tokenizer
+from memlm.lightning_modules.htm.module import HTMLanguageModel
+from memlm.checkpoint import load_module
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!\n" * 6
+
+TINY = dict(
+    encoder_size=256, encoder_active_bits=16, columns=256, sp_density=0.0625, cells_per_column=8,
+    activation_threshold=8, min_threshold=6, max_new_synapse_count=12, predicted_segment_decrement=0.05,
+    classifier_alpha=2.0, seed=5,
+)
+
+
+def tiny_model(vocab_size, **kw):
+    args = dict(TINY)
+    args.update(kw)
+    return HTMLanguageModel(vocab_size=vocab_size, **args)
+
+
+def state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            state_equal(a[k], b[k])
+        elif isinstance(a[k], list):
+            assert len(a[k]) == len(b[k])
+            for x, y in zip(a[k], b[k]):
+                state_equal(x, y)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_high_order_sequence_through_the_whole_model():
+    """Tokens A B C D E vs F B C D G: after D the model predicts E or G from the first token."""
+    model = tiny_model(8, use_spatial_pooler=False, encoder_size=256, columns=256)
+    A, B, C, D, E, F, G = range(7)
+    seqs = [np.array([A, B, C, D, E]), np.array([F, B, C, D, G])]
+    for _ in range(40):
+        for s in seqs:
+            model.tm.reset()
+            model.process(s[:-1], s[1:], learn=True)
+    for s, want in ((seqs[0], E), (seqs[1], G)):
+        logp = model.next_token_logprobs(s[:-1].tolist())
+        assert int(logp.argmax()) == want
+        assert float(logp.exp()[want]) > 0.8
+
+
+class StreamBatches:
+    """B contiguous streams, chunk by chunk, like the datamodule's stream sampler."""
+
+    def __init__(self, ids, block, batch):
+        n = len(ids) // batch
+        self.streams = ids[: n * batch].reshape(batch, n)
+        self.block = block
+        self.n_chunks = (n - 1) // block
+
+    def __len__(self):
+        return self.n_chunks
+
+    def __iter__(self):
+        for k in range(self.n_chunks):
+            a = k * self.block
+            x = torch.from_numpy(self.streams[:, a : a + self.block].astype(np.int64))
+            y = torch.from_numpy(self.streams[:, a + 1 : a + self.block + 1].astype(np.int64))
+            yield {"input_ids": x, "targets": y, "stream": True, "first": k == 0}
+
+
+def fit(model, ids, tmp_path, steps):
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=steps,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, train_dataloaders=StreamBatches(ids, 32, 2), val_dataloaders=StreamBatches(ids[::-1].copy(), 32, 2))
+    return trainer
+
+
+def test_lightning_fit_logs_metrics_and_checkpoint_round_trip(tmp_path):
+    tok = build_tokenizer("char", [TEXT])
+    ids = np.asarray(tok.encode(TEXT), dtype=np.int64)
+    model = tiny_model(tok.vocab_size)
+    model.set_tokenizer(tok)
+    assert model.automatic_optimization is False and model.configure_optimizers() is None
+    trainer = fit(model, ids, tmp_path, steps=6)
+    assert trainer.global_step == 6  # max_steps works without an optimizer
+    m = trainer.callback_metrics
+    for key in ("train/acc", "mem/anomaly", "val/loss", "val/ppl", "val/bpb", "val/acc"):
+        assert key in m and np.isfinite(float(m[key])), key
+    assert float(m["val/ppl"]) == pytest.approx(np.exp(float(m["val/loss"])), rel=1e-4)
+    assert model.tm.num_segments > 0 and model.tm.num_synapses > 0
+    path = tmp_path / "htm.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickle
+    assert "htm_state" in raw and raw["memlm"]["tokenizer"]
+    loaded = load_module(path)
+    assert isinstance(loaded, HTMLanguageModel)
+    state_equal(model.htm_state(), loaded.htm_state())
+    assert loaded.tokenizer.fingerprint() == tok.fingerprint()
+    # the restored model continues exactly like the original
+    chunk = ids[:40]
+    a = model.process(chunk[:-1], chunk[1:], learn=True)
+    b = loaded.process(chunk[:-1], chunk[1:], learn=True)
+    for x, y in zip(a[:3], b[:3]):
+        np.testing.assert_array_equal(x, y)
+    state_equal(model.htm_state(), loaded.htm_state())
+
+
+def test_validation_and_generation_leave_learned_state_alone():
+    tok = build_tokenizer("char", [TEXT])
+    ids = np.asarray(tok.encode(TEXT), dtype=np.int64)
+    model = tiny_model(tok.vocab_size)
+    model.set_tokenizer(tok)
+    for k in range(6):
+        model.process(ids[k * 50 : k * 50 + 50], ids[k * 50 + 1 : k * 50 + 51], learn=True)
+    before = model.htm_state()
+    stream_before = model.tm.stream.copy()
+    model.process(ids[:80], ids[1:81], learn=False)
+    model.tm.stream = stream_before.copy()
+    g = torch.Generator().manual_seed(0)
+    out = list(model.generate(tok.encode("the quick"), max_new_tokens=20, temperature=0.8, generator=g))
+    assert len(out) == 20 and all(0 <= t < tok.vocab_size for t in out)
+    greedy1 = list(model.generate(tok.encode("the quick"), max_new_tokens=10, temperature=0))
+    greedy2 = list(model.generate(tok.encode("the quick"), max_new_tokens=10, temperature=0))
+    assert greedy1 == greedy2
+    state_equal(before, model.htm_state())
+    np.testing.assert_array_equal(model.tm.stream.active, stream_before.active)
+
+
+def test_memory_resets_at_document_boundaries():
+    tok = build_tokenizer("char", [TEXT])
+    ids = np.asarray(tok.encode(TEXT[:60]), dtype=np.int64)
+    doc = np.concatenate([ids, [tok.eos_id]])
+    model = tiny_model(tok.vocab_size)
+    model.set_tokenizer(tok)
+    nll, pred, anomaly, _ = model.process(doc, np.roll(doc, -1), learn=True)
+    assert len(nll) == len(pred) == len(anomaly) == len(doc)
+    assert len(model.tm.stream.active) == 0  # reset after the end-of-text token
+    both = np.concatenate([doc, ids[:10]])
+    _, _, anomaly, logp = model.process(both, np.roll(both, -1), learn=False, want_logp=True)
+    assert logp.shape == (len(both), tok.vocab_size)
+    assert anomaly[len(doc)] == 1.0  # the first token of the next document is unpredicted
+    assert len(model.tm.stream.active) > 0
+    keep = tiny_model(tok.vocab_size, reset_on_eos=False)
+    keep.set_tokenizer(tok)
+    keep.process(doc, np.roll(doc, -1), learn=True)
+    assert len(keep.tm.stream.active) > 0

