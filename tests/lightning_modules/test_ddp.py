@@ -49,7 +49,7 @@ def test_two_process_cpu_ddp(tmp_path, memlm_cache):
         "--trainer.callbacks+=test_ddp.RecordRankData",
         "--run.root", str(tmp_path / "runs"), "--run.logger=[csv]",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "MEMLM_QUIET": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "lightning_modules")]), "MEMLM_QUIET": "1",
            "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     for key in ("MEMLM_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)

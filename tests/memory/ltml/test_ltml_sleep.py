@@ -203,7 +203,7 @@ def test_llm_extraction_is_used_when_a_backend_is_configured(tmp_path):
 
 
 def _cli(db, *extra, env=None):
-    cmd = [sys.executable, "-m", "memlm.memory.ltml", "sleep", "--db", str(db), "--embedder", "hash", "--batch-size", "3",
+    cmd = [sys.executable, "-m", "memlm.apps.ltml", "sleep", "--db", str(db), "--embedder", "hash", "--batch-size", "3",
            "--json", *extra]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return cmd, full_env
