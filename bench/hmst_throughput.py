@@ -30,6 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
+from memlm.lightning_modules.language_model import OptimizerConfig  # noqa: E402
 from memlm.lightning_modules.transformer import TransformerLM  # noqa: E402
 from memlm.core.bench import print_result, print_table  # noqa: E402
 from memlm.core.errors import run_main  # noqa: E402
@@ -53,7 +54,7 @@ def matched_transformer(hmst: HMSTLanguageModel, vocab: int) -> TransformerLM:
     ratio = max(0.25, hidden / d)
     torch.manual_seed(0)
     return TransformerLM(vocab_size=vocab, block_size=cfg.block_size, n_layer=L, n_head=cfg.n_head, n_embd=d,
-                         mlp_ratio=ratio, warmup_steps=1)
+                         mlp_ratio=ratio, optimizer=OptimizerConfig(warmup_steps=1))
 
 
 def make_step(module, batch, opt):

@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
 
 TURN_SEPARATOR = "\x1e"
@@ -205,6 +206,7 @@ class ConversationDataModule(L.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise MemLMError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        require_positive("data", batch_size=batch_size, vocab_size=vocab_size, builtin_items=builtin_items)
         self.source, self.format = source, format
         self.batch_size, self.val_fraction = int(batch_size), float(val_fraction)
         self.max_items, self.n_builtin = max_items, int(builtin_items)

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from memlm.datamodules.loaders import ResumableLoader
 from memlm.core.tokenizer import SPECIALS, UNK, TextTokenizer, build_tokenizer
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
 
 IGNORE = -100
@@ -168,6 +169,11 @@ class RecallDataModule(L.LightningDataModule):
         super().__init__()
         if task not in ("mqar", "passkey"):
             raise MemLMError(f"unknown data.task {task!r}: use mqar or passkey")
+        require_positive("data", seq_len=seq_len, batch_size=batch_size, num_train=num_train, num_val=num_val,
+                         num_kv_pairs=num_kv_pairs, num_keys=num_keys, num_values=num_values, max_key=max_key,
+                         stream_chunk=stream_chunk)
+        for n in eval_lengths or []:
+            require_positive("data", eval_lengths=n)
         lengths = [int(v) for v in (eval_lengths or [seq_len, 4 * seq_len])]
         if seq_len in lengths:
             lengths.remove(seq_len)

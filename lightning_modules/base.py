@@ -4,22 +4,48 @@
 - ``checkpoint["memlm"]`` records the class path, so :func:`memlm.checkpoint.load_module`
   can rebuild any architecture from a bare ``.ckpt`` file;
 - bits-per-byte uses the tokenizer's exact UTF-8 byte count per token;
-- the chat protocol: ``generate(prompt_ids, ...)`` yields token ids one at a time.
+- evaluation: one :class:`~memlm.lightning_modules.evaluation.EvalAccumulator` (``self.evaluation``)
+  that every architecture feeds, so val/ and test/ loss, ppl, bpb and acc have the same keys;
+- hyperparameters are stored plain (dataclass groups as dicts) for ``torch.load(weights_only=True)``;
+- online learners (no optimizer) count their updates as Lightning steps (:meth:`count_online_step`);
+- the chat protocol: ``generate(prompt_ids, SamplingParams(...))`` yields token ids one at a time.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterator
+import dataclasses
+import inspect
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 
 from memlm.core.errors import MemLMError
-from memlm.core.sampling import sample_next  # noqa: F401 (re-exported)
+from memlm.core.sampling import SamplingParams, sample_next  # noqa: F401 (re-exported)
 from memlm.core.tokenizer import TextTokenizer
+from memlm.lightning_modules.evaluation import LN2, EvalAccumulator, TokenSums  # noqa: F401 (LN2 re-exported)
 
 CHECKPOINT_FORMAT = 1
-LN2 = math.log(2.0)
+
+
+def plain_hparam(value: Any) -> Any:
+    """A hyperparameter as checkpoint-safe primitives: dataclass -> dict, tuple -> list."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: plain_hparam(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain_hparam(v) for v in value]
+    return value
+
+
+def _require_same_tokenizer(data: TextTokenizer, checkpoint: TextTokenizer) -> None:
+    """Raise MemLMError unless the datamodule's tokenizer is the checkpoint's (token ids would not match)."""
+    if data.fingerprint() != checkpoint.fingerprint():
+        raise MemLMError(
+            "the datamodule's tokenizer differs from the checkpoint's tokenizer "
+            f"({data.fingerprint()} vs {checkpoint.fingerprint()}); point --data.tokenizer at the "
+            "checkpoint's tokenizer (python -m memlm.checkpoint export-tokenizer CKPT OUT.json)"
+        )
 
 
 class MemLMModule(L.LightningModule):
@@ -29,6 +55,24 @@ class MemLMModule(L.LightningModule):
         super().__init__()
         self.tokenizer: TextTokenizer | None = None
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.evaluation = EvalAccumulator()
+
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        """As Lightning's, with dataclass groups (``optimizer``) stored as plain dicts: the
+        checkpoint's ``hyper_parameters`` must load with ``torch.load(weights_only=True)``."""
+        if frame is None:  # Lightning reads the caller's frame; from here that is the subclass __init__
+            frame = inspect.currentframe().f_back
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        for hparams in (self._hparams, self._hparams_initial):
+            for key, value in list(hparams.items()):
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    hparams[key] = plain_hparam(value)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict) -> dict:
+        """A checkpoint's stored hyperparameters in this class's current form (the identity here;
+        :func:`memlm.checkpoint.load_module` calls it so older checkpoints keep loading)."""
+        return hparams
 
     # -- tokenizer --------------------------------------------------------------------
     def set_tokenizer(self, tokenizer: TextTokenizer) -> None:
@@ -49,12 +93,8 @@ class MemLMModule(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         if tok is None:
             return
-        if self.tokenizer is not None and self.tokenizer.fingerprint() != tok.fingerprint():
-            raise MemLMError(
-                "the datamodule's tokenizer differs from the checkpoint's tokenizer "
-                f"({tok.fingerprint()} vs {self.tokenizer.fingerprint()}); point --data.tokenizer at the "
-                "checkpoint's tokenizer (python -m memlm.checkpoint export-tokenizer CKPT OUT.json)"
-            )
+        if self.tokenizer is not None:
+            _require_same_tokenizer(data=tok, checkpoint=self.tokenizer)
         self.set_tokenizer(tok)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -64,7 +104,7 @@ class MemLMModule(L.LightningModule):
         if bad:
             raise MemLMError(
                 f"model weights became non-finite ({bad[0]}) at global step {self.global_step}; training stopped "
-                "and the last good checkpoint was kept (lower model.learning_rate or add trainer.gradient_clip_val)"
+                "and the last good checkpoint was kept (lower model.optimizer.learning_rate or add trainer.gradient_clip_val)"
             )
         cls = type(self)
         checkpoint["memlm"] = {
@@ -79,12 +119,8 @@ class MemLMModule(L.LightningModule):
             tok = TextTokenizer.from_json(meta["tokenizer"])
             # fit/validate --ckpt_path: setup() already took the datamodule's tokenizer; the
             # data must have been tokenized by the checkpoint's tokenizer.
-            if self.tokenizer is not None and self.tokenizer.fingerprint() != tok.fingerprint():
-                raise MemLMError(
-                    "the datamodule's tokenizer differs from the checkpoint's tokenizer "
-                    f"({self.tokenizer.fingerprint()} vs {tok.fingerprint()}); point --data.tokenizer at the "
-                    "checkpoint's tokenizer (python -m memlm.checkpoint export-tokenizer CKPT OUT.json)"
-                )
+            if self.tokenizer is not None:
+                _require_same_tokenizer(data=self.tokenizer, checkpoint=tok)
             self.set_tokenizer(tok)
 
     # -- bits per byte ----------------------------------------------------------------
@@ -95,18 +131,53 @@ class MemLMModule(L.LightningModule):
         valid = targets >= 0
         return self.token_bytes.to(targets.device)[targets.clamp_min(0)].mul(valid).sum()
 
+    # -- evaluation: one accumulator, the same keys for every architecture ----------------
+    def eval_sums(self, dataloader_idx: int = 0) -> TokenSums:
+        """The sums a validation/test step adds its batch to (see :mod:`memlm.lightning_modules.evaluation`)."""
+        return self.evaluation.sums(dataloader_idx, self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluation.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluation.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, split: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.evaluation.log_to(self, split, getattr(dm, f"{split}_names", None))
+
+    # -- online learners -------------------------------------------------------------------
+    def count_online_step(self) -> None:
+        """Count one learning update of a module without an optimizer as a training step.
+
+        In manual optimization Lightning's ``global_step`` counts optimizer steps, so a
+        learner that never calls ``optimizer.step()`` would stay at step 0: ``max_steps``
+        would never stop training, and ``val_check_interval``, step checkpoints and the
+        logged step axis would not advance. Call once per training_step."""
+        if self._trainer is None:
+            return
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
     # -- chat protocol ----------------------------------------------------------------
     def generate(
         self,
         prompt_ids: list[int] | torch.Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
+        params: SamplingParams | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
+        """Yield up to ``params.max_new_tokens`` token ids continuing ``prompt_ids``, one at a time.
+
+        ``params`` None means ``SamplingParams()``. ``generator`` (if given) drives the sampling
+        instead of one seeded from ``params.seed``. Every subclass overrides this signature as is.
+        """
         raise MemLMError(f"{type(self).__name__} cannot generate text")
 
     def embed(self, ids: list[int]) -> torch.Tensor:

@@ -6,48 +6,88 @@ between calls (a KV cache for the transformer, a recurrent memory for HAMT/HMST)
 base class uses it both for incremental generation and, for ``stateful`` models, for
 truncated BPTT across the contiguous chunks of the stream sampler.
 
-Everything else lives here once: token-weighted cross-entropy, perplexity, bits-per-byte,
-accuracy, auxiliary losses, AdamW param groups, warmup + cosine schedule, NaN guard and
-sampling-based generation.
+Everything else lives here once: token-weighted cross-entropy (evaluated through the
+shared :mod:`memlm.lightning_modules.evaluation` accumulator: perplexity, bits-per-byte,
+accuracy), auxiliary losses, the optimizer settings (:class:`OptimizerConfig`, one
+``optimizer`` group: ``model.init_args.optimizer.learning_rate`` ...), AdamW param groups,
+warmup + cosine schedule, NaN guard and sampling-based generation.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+import inspect
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import SumMetric
 
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
 from memlm.core.outputs import ModelOutput, detach_state  # noqa: F401 (re-exported for subclasses)
-from memlm.core.sampling import sample_next
-from memlm.lightning_modules.base import LN2, MemLMModule
+from memlm.core.sampling import SamplingParams, resolve_params, sample_next
+from memlm.lightning_modules.base import MemLMModule, plain_hparam
 
 IGNORE_INDEX = -100
 
 
-class _EvalSums(nn.Module):
-    """Token-weighted sums for one evaluation dataloader, synced across ranks by torchmetrics."""
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW + linear warmup + cosine decay: the ``optimizer`` group of every gradient-trained module.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.nll = SumMetric()
-        self.tokens = SumMetric()
-        self.bytes = SumMetric()
-        self.correct = SumMetric()
+    ``max_steps`` is the schedule's horizon (None: the trainer's estimated stepping batches);
+    the learning rate decays to ``min_lr_ratio * learning_rate``. Frozen, so one default
+    instance can sit in every signature. Checkpoints store it as a plain dict
+    (:meth:`MemLMModule.save_hyperparameters`).
+    """
 
-    def reset(self) -> None:
-        for m in (self.nll, self.tokens, self.bytes, self.correct):
-            m.reset()
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    max_steps: int | None = None
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # YAML and checkpoints give lists
+
+    @classmethod
+    def coerce(cls, value: "OptimizerConfig | Mapping | None", base: "OptimizerConfig | None" = None) -> "OptimizerConfig":
+        """An OptimizerConfig from itself, a dict (a checkpoint's hyperparameters; missing keys
+        taken from ``base``) or None (``base``, default ``OptimizerConfig()``)."""
+        base = cls() if base is None else base
+        if value is None:
+            return base
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise MemLMError(f"unknown model.optimizer settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+            return replace(base, **value)
+        raise MemLMError(f"model.optimizer must be a mapping of {[f.name for f in fields(cls)]}, got {type(value).__name__}")
+
+
+def fold_legacy_optimizer_hparams(hparams: dict) -> dict:
+    """Hyperparameters of a checkpoint written before the ``optimizer`` group: the flat
+    ``learning_rate``/``weight_decay``/... keys move into ``hparams["optimizer"]``."""
+    names = [f.name for f in fields(OptimizerConfig)]
+    flat = {k: hparams[k] for k in names if k in hparams}
+    if not flat:
+        return hparams
+    out = {k: v for k, v in hparams.items() if k not in flat}
+    out["optimizer"] = {**flat, **dict(out.get("optimizer") or {})}
+    return out
 
 
 class LanguageModel(MemLMModule):
     """Base class; subclasses call ``super().__init__(vocab_size=..., ...)`` and build ``self.model``."""
 
-    #: True for models that carry recurrent state across consecutive stream chunks (TBPTT).
+    #: True for models that carry recurrent state across consecutive stream chunks (TBPTT); they
+    #: implement :class:`memlm.core.state.RecurrentState`, through which the TBPTT callback and the
+    #: checkpoint handle ``carried_state``.
     stateful: bool = False
     #: Longest context the model supports (None = unbounded, e.g. recurrent models).
     max_seq_len: int | None = None
@@ -55,25 +95,30 @@ class LanguageModel(MemLMModule):
     def __init__(
         self,
         vocab_size: int,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        optimizer: OptimizerConfig | Mapping | None = None,
     ) -> None:
         super().__init__()
+        require_positive("model", vocab_size=vocab_size)
         self.vocab_size = int(vocab_size)
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.warmup_steps = warmup_steps
-        self.schedule_steps = max_steps
-        self.min_lr_ratio = min_lr_ratio
+        # a dict (from a checkpoint) fills its gaps from this class's own default group (HAMT's learning rate differs)
+        declared = inspect.signature(type(self).__init__).parameters.get("optimizer")
+        base = declared.default if declared is not None and isinstance(declared.default, OptimizerConfig) else None
+        self.optimizer_config = OptimizerConfig.coerce(optimizer, base)
         self.model: nn.Module | None = None
         self.carried_state: Any = None  # training state between stream chunks (stateful models)
         self.eval_state: Any = None  # evaluation state between stream chunks
-        self._eval_sums = nn.ModuleList()
+
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        """As the base; the ``optimizer`` group is stored resolved (every field), whether it was
+        given as an OptimizerConfig, a partial dict or not at all."""
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame or inspect.currentframe().f_back, logger=logger)
+        for hparams in (self._hparams, self._hparams_initial):
+            if "optimizer" in hparams:
+                hparams["optimizer"] = plain_hparam(self.optimizer_config)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict) -> dict:
+        return fold_legacy_optimizer_hparams(hparams)
 
     # -- forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: Any = None) -> ModelOutput:
@@ -89,9 +134,12 @@ class LanguageModel(MemLMModule):
             logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
         )
 
-    def _log_extras(self, out: ModelOutput, prefix_ok: bool = True, **kw) -> torch.Tensor:
+    def _log_extras(self, out: ModelOutput, aux: dict[str, torch.Tensor] | None = None, **kw) -> torch.Tensor:
+        """Log ``aux/<name>`` for each auxiliary loss and ``mem/<name>`` for each model metric;
+        returns the summed auxiliary loss. ``aux`` (default ``out.aux_losses``) lets a module
+        pass its weighted or extra losses (HMST's exit and critic terms)."""
         aux_total = torch.zeros((), device=out.logits.device)
-        for name, value in out.aux_losses.items():
+        for name, value in (out.aux_losses if aux is None else aux).items():
             aux_total = aux_total + value
             self.log(f"aux/{name}", value.detach().float(), **kw)
         for name, value in out.metrics.items():
@@ -103,8 +151,8 @@ class LanguageModel(MemLMModule):
         x, y = batch["input_ids"], batch["targets"]
         state = self.carried_state if self.stateful else None
         out = self(x, state=state)
-        if self.stateful:
-            self.carried_state = detach_state(out.state)
+        if self.stateful:  # stateful modules implement memlm.core.state.RecurrentState
+            self.carried_state = self.detach_state(out.state)
         losses = self._token_losses(out.logits, y)
         n_tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
         loss = losses.sum() / n_tokens
@@ -120,15 +168,10 @@ class LanguageModel(MemLMModule):
         if bad:
             raise MemLMError(
                 f"loss became non-finite at global step {self.global_step}; training stopped and the last good "
-                "checkpoint was kept (lower model.learning_rate, add trainer.gradient_clip_val, or use 32-true precision)"
+                "checkpoint was kept (lower model.optimizer.learning_rate, add trainer.gradient_clip_val, or use 32-true precision)"
             )
 
     # -- evaluation --------------------------------------------------------------------
-    def _sums(self, idx: int) -> _EvalSums:
-        while len(self._eval_sums) <= idx:
-            self._eval_sums.append(_EvalSums().to(self.device))
-        return self._eval_sums[idx]
-
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         x, y = batch["input_ids"], batch["targets"]
         state = None
@@ -142,36 +185,16 @@ class LanguageModel(MemLMModule):
         losses = self._token_losses(out.logits, y)
         valid = y.reshape(-1) != IGNORE_INDEX
         pred = out.logits.argmax(-1).reshape(-1)
-        sums = self._sums(dataloader_idx)
-        sums.nll.update(losses.sum())
-        sums.tokens.update(valid.sum())
-        sums.bytes.update(self.bytes_of(y))
-        sums.correct.update(((pred == y.reshape(-1)) & valid).sum())
+        correct = ((pred == y.reshape(-1)) & valid).sum()
+        self.eval_sums(dataloader_idx).update(losses.sum(), valid.sum(), self.bytes_of(y), correct)
 
     def _eval_epoch_end(self, split: str) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), f"{split}_names", None)
-        for idx, sums in enumerate(self._eval_sums):
-            tokens = sums.tokens.compute()
-            if tokens.item() == 0:
-                continue
-            nll = sums.nll.compute()
-            suffix = "" if idx == 0 else f"_{names[idx] if names and idx < len(names) else idx}"
-            loss = nll / tokens
-            # The sums are already all-reduced by torchmetrics; sync_dist only averages equal values.
-            kw = {"sync_dist": True}
-            self.log(f"{split}/loss{suffix}", loss, prog_bar=(idx == 0 and split == "val"), **kw)
-            self.log(f"{split}/ppl{suffix}", torch.exp(loss.clamp(max=50)), **kw)
-            nbytes = sums.bytes.compute()
-            if torch.isfinite(nbytes) and nbytes > 0:
-                self.log(f"{split}/bpb{suffix}", nll / (LN2 * nbytes), **kw)
-            self.log(f"{split}/acc{suffix}", sums.correct.compute() / tokens, **kw)
-            sums.reset()
+        self._log_evaluation(split)
         self.eval_state = None
 
     def on_validation_epoch_start(self) -> None:
         self.eval_state = None
-        for s in self._eval_sums:
-            s.reset()
+        self.evaluation.reset()
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -190,7 +213,8 @@ class LanguageModel(MemLMModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Greedy continuation of each row of ``input_ids`` (32 new tokens)."""
         x = batch["input_ids"]
-        outs = [list(self.generate(row.tolist(), max_new_tokens=32, temperature=0)) for row in x]
+        greedy = SamplingParams(max_new_tokens=32, temperature=0)
+        outs = [list(self.generate(row.tolist(), greedy)) for row in x]
         return {"input_ids": x, "generated": outs}
 
     # -- optimisation ------------------------------------------------------------------
@@ -201,20 +225,21 @@ class LanguageModel(MemLMModule):
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
+        cfg = self.optimizer_config
         groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused)
-        total = self.schedule_steps
+        opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=fused)
+        total = cfg.max_steps
         if total is None:
             try:
                 total = int(self.trainer.estimated_stepping_batches)
             except Exception:
                 total = 10_000
         total = max(1, min(int(total), 10**9))
-        warmup, floor = self.warmup_steps, self.min_lr_ratio
+        warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
 
         def lr_lambda(step: int) -> float:
             if step < warmup:
@@ -226,24 +251,24 @@ class LanguageModel(MemLMModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- generation ----------------------------------------------------------------------
+    # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides
     @torch.no_grad()
     def generate(
         self,
         prompt_ids: list[int] | torch.Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
+        params: SamplingParams | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
-        """Yield up to ``max_new_tokens`` sampled token ids, one at a time.
+        """Yield up to ``params.max_new_tokens`` sampled token ids, one at a time.
 
-        With ``use_cache`` the model's state (KV cache or recurrent memory) is reused, so
+        With ``params.use_cache`` the model's state (KV cache or recurrent memory) is reused, so
         each new token costs one incremental step; without it the whole (cropped) context
         is recomputed every step. Both give identical tokens for the same sampling seed.
         """
+        params = resolve_params(params)
+        eos_id, use_cache = params.eos_id, params.use_cache
+        if generator is None:
+            generator = params.make_generator(self.device)
         was_training = self.training
         self.eval()
         ids = torch.as_tensor(list(prompt_ids) if not torch.is_tensor(prompt_ids) else prompt_ids, dtype=torch.long)
@@ -259,7 +284,7 @@ class LanguageModel(MemLMModule):
             if limit is not None and context.size(1) > limit:
                 context = context[:, -limit:]
             next_input = context
-            for _ in range(max_new_tokens):
+            for _ in range(params.max_new_tokens):
                 if use_cache:
                     if limit is not None and state is not None and self._cache_len(state) + next_input.size(1) > limit:
                         # cache full: re-prefill the most recent window into a fresh cache
@@ -269,7 +294,7 @@ class LanguageModel(MemLMModule):
                 else:
                     window = context if limit is None else context[:, -limit:]
                     out = self(window, state=None)
-                token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+                token = sample_next(out.logits[:, -1], params, generator)
                 tok = int(token.item())
                 yield tok
                 if eos_id is not None and tok == eos_id:

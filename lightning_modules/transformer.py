@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from memlm.core.errors import MemLMError
+from memlm.core.checks import require_divisible, require_positive
 from memlm.core.outputs import ModelOutput
-from memlm.lightning_modules.language_model import LanguageModel
+from memlm.lightning_modules.language_model import LanguageModel, OptimizerConfig
 from memlm.models.transformer import GPT, GPTConfig, KVCache
 
 
 class TransformerLM(LanguageModel):
     """LightningModule for the baseline GPT (configs/transformer_*.yaml)."""
 
+    # jsonargparse builds the config schema from this signature, so it repeats GPTConfig's fields
     def __init__(
         self,
         vocab_size: int,
@@ -22,18 +23,16 @@ class TransformerLM(LanguageModel):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         bias: bool = False,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        rope_base: float = 10000.0,
+        # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
+        # the concrete class's own signature.
+        optimizer: OptimizerConfig = OptimizerConfig(),
     ) -> None:
-        super().__init__(vocab_size, learning_rate, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio)
+        super().__init__(vocab_size, optimizer)
         self.save_hyperparameters()
-        if n_embd % n_head or (n_embd // n_head) % 2:
-            raise MemLMError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}) with an even head size")
-        self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias)
+        require_positive("model", block_size=block_size, n_layer=n_layer)
+        require_divisible("model", "n_embd", n_embd, "n_head", n_head, even_head=True)
+        self.config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, mlp_ratio, dropout, bias, rope_base)
         self.model = GPT(self.config)
         self.max_seq_len = block_size
 

@@ -45,6 +45,10 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     cls = resolve_class(ckpt["memlm"]["class_path"])
     # LightningCLI records "_class_path"/"_instantiator" beside the real init args.
     hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    # older checkpoints may store settings since regrouped (flat learning_rate -> optimizer.learning_rate)
+    upgrade = getattr(cls, "upgrade_hparams", None)
+    if upgrade is not None:
+        hparams = upgrade(hparams)
     try:
         module = cls(**hparams)
     except TypeError as exc:

@@ -79,7 +79,9 @@ def test_config_parses_and_builds(config):
     assert model_cfg["class_path"] and data_cfg["class_path"]
     resolve_class(data_cfg["class_path"])  # the data class imports
     cls = resolve_class(model_cfg["class_path"])
-    init = dict(model_cfg.get("init_args") or {})
+    init_args = model_cfg.get("init_args")
+    # as_dict keeps groups nested (optimizer: {...}); dict() would flatten them to "optimizer.learning_rate"
+    init = init_args.as_dict() if init_args is not None else {}
     raw = yaml.safe_load(config.read_text()) or {}
     raw_init = ((raw.get("model") or {}).get("init_args") or {})
     assert "vocab_size" not in raw_init, "model.init_args.vocab_size is linked from data.vocab_size; do not set it"

@@ -7,8 +7,12 @@ import torch
 
 from memlm.core.tokenizer import TextTokenizer
 from memlm.models.hamt.model import HAMTConfig, HAMTModel
-from memlm.lightning_modules.language_model import LanguageModel, ModelOutput
+from memlm.lightning_modules.language_model import LanguageModel, ModelOutput, OptimizerConfig
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
+from memlm.core.state import (
+    detach_tensors, flatten_tensors, leading_batch_size, reset_tensor_rows, row_mask, unflatten_tensors,
+)
 
 
 class HAMTLanguageModel(LanguageModel):
@@ -22,6 +26,7 @@ class HAMTLanguageModel(LanguageModel):
     stateful = True
     max_seq_len = None
 
+    # jsonargparse builds the config schema from this signature, so it repeats HAMTConfig's fields
     def __init__(
         self,
         vocab_size: int,
@@ -42,14 +47,11 @@ class HAMTLanguageModel(LanguageModel):
         reset_on_eos: bool = True,
         carry_state: bool = True,
         compile_scan: bool = False,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
+        # the concrete class's own signature.
+        optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3),
     ) -> None:
-        super().__init__(vocab_size, learning_rate, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio)
+        super().__init__(vocab_size, optimizer)
         self.save_hyperparameters()
         if binding not in ("elementwise", "circular"):
             raise MemLMError(f"model.binding must be 'elementwise' or 'circular', got {binding!r}")
@@ -59,8 +61,9 @@ class HAMTLanguageModel(LanguageModel):
             raise MemLMError(f"model.gate_mode must be 'parallel' or 'recurrent', got {gate_mode!r}")
         if binding == "circular" and n_embd % 2:
             raise MemLMError(f"circular binding needs an even model.n_embd, got {n_embd}")
-        if n_slots < 1 or scan_chunk < 1 or conv_kernel < 1:
-            raise MemLMError("model.n_slots, model.scan_chunk and model.conv_kernel must be >= 1")
+        # HAMT has no attention heads: its memory is n_slots full-width vectors, so only sizes are checked
+        require_positive("model", n_layer=n_layer, n_embd=n_embd, n_slots=n_slots, scan_chunk=scan_chunk,
+                         conv_kernel=conv_kernel)
         self.reset_on_eos = reset_on_eos
         self.carry_state = carry_state
         self.config = HAMTConfig(
@@ -92,12 +95,39 @@ class HAMTLanguageModel(LanguageModel):
         self.config.reset_token_id = tokenizer.eos_id if self.reset_on_eos else None
 
     def configure_callbacks(self):
-        from memlm.callbacks.tbptt import TBPTT
+        from memlm.callbacks.tbptt import default_tbptt
 
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, TBPTT) for cb in trainer.callbacks):
-            return []
-        return [TBPTT(carry=self.carry_state)]
+        return default_tbptt(self, carry=self.carry_state)
+
+    # -- recurrent state (memlm.core.state.RecurrentState) ---------------------------------
+    # state = {"pos": long[], "layers": [{"M": [B, S, D], "conv": [B, K-1, D]}, ...]}
+    def init_state(self, batch_size: int, device=None) -> dict:
+        return self.model.init_state(batch_size, device)
+
+    def detach_state(self, state: Any) -> Any:
+        return detach_tensors(state)
+
+    def reset_rows(self, state: dict, mask: torch.Tensor) -> dict:
+        """Zero the slot memory and conv taps of the masked rows (what an end-of-text token does
+        inside a chunk); ``pos`` is the batch's shared stream clock and stays."""
+        mask = row_mask(mask, self.state_batch_size(state))
+        layers = [{name: reset_tensor_rows(t, mask) for name, t in layer.items()} for layer in state["layers"]]
+        return {"pos": state["pos"], "layers": layers}
+
+    def state_batch_size(self, state: Any) -> int | None:
+        return leading_batch_size(state)
+
+    def state_to_dict(self, state: dict) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in flatten_tensors(state).items()}  # "pos", "layers.0.M", ...
+
+    def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> dict:
+        state = unflatten_tensors(dict(tensors))
+        if not isinstance(state, dict) or "pos" not in state or len(state.get("layers", [])) != self.config.n_layer:
+            raise MemLMError(
+                f"saved HAMT state {sorted(tensors)} does not fit this {self.config.n_layer}-layer model; "
+                "resume with the checkpoint's config"
+            )
+        return state
 
     def flops_per_token(self, seq_len: int) -> float:
         c = self.config

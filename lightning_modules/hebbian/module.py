@@ -7,8 +7,9 @@ every string is learned once, in order, by local plasticity (``automatic_optimiz
 ``configure_optimizers`` returns None). Logged: ``train/acc`` (prequential next-unit accuracy:
 predicted before the unit was learned), ``train/vocab_size``, ``train/neurons``,
 ``train/synapses``, ``train/learned_patterns``, ``train/weight_change``, ``train/new_units``,
-``train/tokens_per_sec``; validation logs ``val/acc``, ``val/loss``, ``val/ppl`` and ``val/bpb``
-(from a fixed softmax read-out of the network's drive, see ``ContinualLearner.score_text``).
+``train/tokens_per_sec``; validation and test log ``val/``/``test/`` ``loss``, ``ppl``, ``bpb`` and
+``acc`` through the shared evaluation accumulator (from a fixed softmax read-out of the
+network's drive, see ``ContinualLearner.score_text``).
 
 Checkpoints: the whole learner (weights, vocabulary, RNG states, counters) lives in
 ``checkpoint["hebbian_state"]`` as tensors and JSON strings. The MemLM tokenizer slot
@@ -19,16 +20,18 @@ serving code written for ``TextTokenizer`` work unchanged.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterator
 
 import torch
 
-from memlm.lightning_modules.base import LN2, MemLMModule
+from memlm.lightning_modules.base import MemLMModule
 from memlm.models.hebbian.learner import READOUT_GAIN, ContinualLearner, LearnerConfig
+from memlm.models.hebbian.teacher import DEFAULT_SYSTEM_PROMPT
 from memlm.models.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
 from memlm.core.errors import MemLMError
+from memlm.core.state import reset_tensor_rows, row_mask
+from memlm.core.sampling import SamplingParams, resolve_params
 
 
 class HebbianTokenizer:
@@ -84,6 +87,7 @@ class HebbianLanguageModel(MemLMModule):
 
     checkpoint_monitor = "val/acc"
 
+    # jsonargparse builds the config schema from this signature, so it repeats LearnerConfig's fields
     def __init__(
         self,
         vocab_size: int | None = None,
@@ -92,6 +96,8 @@ class HebbianLanguageModel(MemLMModule):
         merge_threshold: int = 3,
         max_unit_len: int = 12,
         max_new_units_per_input: int = 4,
+        usage_half_life: float = 5000.0,
+        forget_below: float = 0.5,
         neurons_per_column: int = 64,
         synapses_per_neuron: int = 48,
         k_winners: int = 4,
@@ -108,6 +114,10 @@ class HebbianLanguageModel(MemLMModule):
         max_response_units: int = 48,
         teacher_api_url: str | None = None,
         teacher_model: str | None = None,
+        teacher_timeout: float = 20.0,
+        teacher_retries: int = 1,
+        teacher_system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        learn_from_teacher: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -120,6 +130,8 @@ class HebbianLanguageModel(MemLMModule):
             merge_threshold=merge_threshold,
             max_unit_len=max_unit_len,
             max_new_units_per_input=max_new_units_per_input,
+            usage_half_life=usage_half_life,
+            forget_below=forget_below,
             neurons_per_column=neurons_per_column,
             synapses_per_neuron=synapses_per_neuron,
             k_winners=k_winners,
@@ -136,15 +148,72 @@ class HebbianLanguageModel(MemLMModule):
             max_response_units=max_response_units,
             teacher_api_url=teacher_api_url,
             teacher_model=teacher_model,
+            teacher_timeout=teacher_timeout,
+            teacher_retries=teacher_retries,
+            teacher_system_prompt=teacher_system_prompt,
+            learn_from_teacher=learn_from_teacher,
             seed=seed,
         )
         self.learner = ContinualLearner(self.config)
         self.tokenizer = HebbianTokenizer(learner=self.learner)
-        self._val = [0, 0, 0.0, 0]  # correct, scored, nll, bytes
 
     # -- Lightning ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            raise MemLMError(
+                "HebbianLanguageModel learns online in one process (one network, one stream) and has no rule "
+                "to merge several learners; run it with --trainer.devices=1"
+            )
+
     def configure_optimizers(self):
         return None
+
+    def configure_callbacks(self):
+        from memlm.callbacks.tbptt import default_tbptt
+
+        return default_tbptt(self)
+
+    # -- recurrent state (memlm.core.state.RecurrentState) ----------------------------------
+    # One stream (batch size 1): the network's context between inputs (active set, winner
+    # history). Every training text starts from a fresh context (learn_text resets), so the
+    # TBPTT callback's reset before each batch of raw strings changes nothing; the context is
+    # checkpointed through the protocol like every model's carried state, and also stays in
+    # hebbian_state with the weights, which are persisted there as before.
+    @property
+    def carried_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.unsqueeze(0) for k, v in self.learner.net.context_tensors().items()}
+
+    @carried_state.setter
+    def carried_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is None:
+            self.learner.net.reset()
+        else:
+            self.learner.net.load_context_tensors({k: v[0] for k, v in state.items()})
+
+    def init_state(self, batch_size: int = 1, device=None) -> dict[str, torch.Tensor]:
+        if batch_size != 1:
+            raise MemLMError(f"the Hebbian learner reads one stream, not {batch_size}")
+        return {k: v.unsqueeze(0).to(device) for k, v in self.learner.net.empty_context_tensors().items()}
+
+    def detach_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state  # integer cell ids: there is no graph to cut
+
+    def reset_rows(self, state: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = row_mask(mask, 1)
+        fresh = self.init_state(1)
+        return {k: reset_tensor_rows(v, mask, fresh[k]) for k, v in state.items()}
+
+    def state_batch_size(self, state: dict[str, torch.Tensor]) -> int:
+        return 1
+
+    def state_to_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in state.items()}
+
+    def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if set(tensors) != {"active", "hist", "hist_n", "cursor"}:
+            raise MemLMError(f"saved Hebbian context {sorted(tensors)} is not active/hist/hist_n/cursor")
+        return {k: v.cpu().clone() for k, v in tensors.items()}
 
     def forward(self, texts: list[str]) -> dict:
         """Learn ``texts`` in order; returns the summed learning info."""
@@ -188,58 +257,19 @@ class HebbianLanguageModel(MemLMModule):
         self.log_dict(stats, on_step=True, on_epoch=False, batch_size=n)
         self.log("train/vocab", stats["train/vocab_size"], prog_bar=True, on_step=True, batch_size=n, logger=False)
         self.log("train/acc_bar", stats["train/acc"], prog_bar=True, on_step=True, batch_size=n, logger=False)
-        self._count_learning_step()
+        self.count_online_step()
         return None
 
-    def _count_learning_step(self) -> None:
-        """Count each learned batch as one step: with manual optimization and no optimizer,
-        Lightning's ``global_step`` counts optimizer steps and would stay 0, so ``max_steps``,
-        step-based checkpointing and the logged step axis would not work."""
-        if self._trainer is None:
-            return
-        try:
-            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        except AttributeError:  # a Lightning version with another loop layout: steps stay uncounted
-            return
-        progress.increment_ready()
-        progress.increment_completed()
-
-    def on_validation_epoch_start(self) -> None:
-        self._val = [0, 0, 0.0, 0]
-
-    def validation_step(self, batch, batch_idx):
+    # -- evaluation: scored with learning off, through the shared accumulator (MemLMModule) -------
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        nll = scored = nbytes = correct = 0
         for text in self._check_batch(batch):
             r = self.learner.score_text(text, with_nll=True)
-            self._val[0] += r["correct"]
-            self._val[1] += r["scored"]
-            self._val[2] += r["nll"]
-            self._val[3] += r["bytes"]
+            nll, scored, nbytes, correct = nll + r["nll"], scored + r["scored"], nbytes + r["bytes"], correct + r["correct"]
+        self.eval_sums(dataloader_idx).update(float(nll), scored, nbytes, correct)
 
-    def on_validation_epoch_end(self) -> None:
-        correct, scored, nll, nbytes = self._val
-        if scored == 0:
-            return
-        loss = nll / scored
-        self.log_dict(
-            {
-                "val/acc": correct / scored,
-                "val/loss": loss,
-                "val/ppl": math.exp(min(loss, 50.0)),
-                "val/bpb": nll / (LN2 * max(1, nbytes)),
-            },
-            prog_bar=True,
-        )
-
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self._val = [0, 0, 0.0, 0]
-
-    def on_test_epoch_end(self) -> None:
-        correct, scored, nll, nbytes = self._val
-        if scored:
-            self.log_dict({"test/acc": correct / scored, "test/loss": nll / scored, "test/bpb": nll / (LN2 * max(1, nbytes))})
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.validation_step(batch, batch_idx, dataloader_idx)
 
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -258,15 +288,11 @@ class HebbianLanguageModel(MemLMModule):
         self.tokenizer = HebbianTokenizer(learner=self.learner)
 
     # -- chat protocol ------------------------------------------------------------------
+    # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides
     def generate(
         self,
         prompt_ids,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
+        params: SamplingParams | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
         """Run the network over ``<bos> + prompt_ids`` (unit ids) and yield sampled next units.
@@ -275,24 +301,29 @@ class HebbianLanguageModel(MemLMModule):
         (``<eos>`` first), that unit is fed silently and the reply that follows is generated;
         otherwise the prompt's continuation is. Only units the network predicts (drive above threshold) are candidates; ``top_k``
         keeps the k strongest of them. Stops at ``<eos>`` (yielded), when nothing is predicted,
-        or after ``max_new_tokens``. No learning happens here.
+        or after ``max_new_tokens``. No learning happens here. ``top_p`` and ``use_cache`` have no
+        effect (the candidates are already the predicted units; the network state is always carried).
         """
+        params = resolve_params(params)
+        temperature, top_k, eos_id = params.temperature, params.top_k, params.eos_id
         ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
         learner, net = self.learner, self.learner.net
         stop = EOS_ID if eos_id is None else int(eos_id)
-        gen = generator if generator is not None else learner.generator
+        gen = generator
+        if gen is None:  # without a seed, the learner's own (checkpointed) generator keeps sampling reproducible
+            gen = learner.generator if params.seed is None else params.make_generator(learner.generator.device)
         snap = net.snapshot()
         net.reset()
         try:
             learner._feed([BOS_ID] + [int(i) for i in ids if 0 <= int(i) < net.n_units], learn=False)
             first = True
             produced = 0
-            while produced < int(max_new_tokens):
+            while produced < params.max_new_tokens:
                 scores = net.unit_scores()
                 ok = scores >= net.threshold
                 if not bool(ok.any()):
                     return
-                if temperature is None or temperature <= 0:
+                if params.greedy:
                     u = int(scores.argmax())
                 else:
                     logits = (scores * (READOUT_GAIN / (net.w_max * temperature))).masked_fill(~ok, float("-inf"))

@@ -1,8 +1,11 @@
 """HMSTLanguageModel: stage-1 training of the Hierarchical Memory-State Transformer.
 
 - ``stateful``: trained on contiguous stream chunks; the Mamba state (episodic memory)
-  and the previous segment's pooled state are carried, detached, across chunks, and reset
-  at the first chunk of an epoch.
+  and the previous segment's pooled state are carried, detached, across chunks
+  (:class:`memlm.core.state.RecurrentState`). The TBPTT callback (added unless the trainer
+  has one) resets them at the first chunk of an epoch and saves every rank's copy in
+  ``checkpoint["tbptt"]``; with the training gates drawn from the module's own generator
+  (its state in ``checkpoint["hmst_memory"]["gate_rng"]``), a resumed run continues exactly.
 - Loss = token cross-entropy + ``balance_loss_weight`` * Switch balance + ``z_loss_weight`` *
   router z-loss + ``exit_loss_weight`` * cross-entropy of the early-exit head (deep
   supervision) + ``critic_loss_weight`` * critic BCE on the rows whose verify gate fired.
@@ -23,13 +26,17 @@
 """
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import torch
 
-from memlm.models.hmst.model import HMSTConfig, HMSTModel, HMSTOutput
-from memlm.lightning_modules.language_model import IGNORE_INDEX, LanguageModel, detach_state
+from memlm.models.hmst.model import HMSTConfig, HMSTModel, HMSTOutput, HMSTState
+from memlm.lightning_modules.language_model import IGNORE_INDEX, LanguageModel, OptimizerConfig
+from memlm.core.checks import require_divisible, require_positive
 from memlm.core.errors import MemLMError
+from memlm.core.state import reset_tensor_rows, row_mask
+from memlm.core.sampling import SamplingParams
 from memlm.memory.episodic import EpisodicStore
 from memlm.memory.semantic import SemanticMemory
 
@@ -41,6 +48,7 @@ class HMSTLanguageModel(LanguageModel):
     stateful = True
     max_seq_len = None  # recurrent episodic memory: unbounded context (attention keeps a block_size window)
 
+    # jsonargparse builds the config schema from this signature, so it repeats HMSTConfig's fields
     def __init__(
         self,
         vocab_size: int,
@@ -54,6 +62,7 @@ class HMSTLanguageModel(LanguageModel):
         capacity_factor: float | None = None,
         exit_layer: int | None = None,
         dropout: float = 0.0,
+        rope_base: float = 10000.0,
         ssm_layers: int = 1,
         ssm_d_state: int = 16,
         ssm_expand: int = 2,
@@ -81,19 +90,22 @@ class HMSTLanguageModel(LanguageModel):
         gate_schedule: dict | str | None = None,
         eval_gate_mode: str = "schedule",
         eval_gate_schedule: dict | str | None = None,
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
+        # the concrete class's own signature.
+        optimizer: OptimizerConfig = OptimizerConfig(),
     ) -> None:
-        super().__init__(vocab_size, learning_rate, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio)
+        super().__init__(vocab_size, optimizer)
         self.save_hyperparameters()
+        require_positive("model", block_size=block_size, n_layer=n_layer, d_ff=d_ff, n_experts=n_experts,
+                         ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv)
+        require_divisible("model", "d_model", d_model, "n_head", n_head, even_head=True)
+        require_divisible("model", "critic_d_model", critic_d_model, "critic_heads", critic_heads)
+        if not 1 <= top_k <= n_experts:
+            raise MemLMError(f"model.top_k must be in [1, model.n_experts={n_experts}], got {top_k}")
         self.config = HMSTConfig(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=d_ff,
             n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor, exit_layer=exit_layer, dropout=dropout,
-            ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
+            rope_base=rope_base, ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
             ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
             critic_heads=critic_heads, critic_max_len=critic_max_len,
@@ -109,6 +121,12 @@ class HMSTLanguageModel(LanguageModel):
         d_inner = ssm_expand * d_model
         self.episodic = EpisodicStore(episodic_capacity, (d_inner, ssm_d_state), d_model)
         self._generating = False
+        # Training gates come from the module's own generator, not the global RNG: its state is
+        # saved in the checkpoint, so a resumed run samples the gates the uninterrupted run would.
+        # Seeded from the process seed, which seed_everything makes equal on every rank.
+        self._gate_seed = int(torch.initial_seed()) % (2**63)
+        self._gate_rng: torch.Generator | None = None
+        self._gate_rng_state: torch.Tensor | None = None  # from a checkpoint, applied on first use
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: Any = None, **kw) -> HMSTOutput:
@@ -116,7 +134,22 @@ class HMSTLanguageModel(LanguageModel):
         kw.setdefault("gate_mode", self.gate_mode if training else self.eval_gate_mode)
         kw.setdefault("schedule", self.train_schedule if training else self.eval_schedule)
         kw.setdefault("use_cache", self._generating)
+        if training:
+            kw.setdefault("generator", self._gate_generator())
         return self.model(input_ids, state=state, memory=self.semantic, episodic_store=self.episodic, **kw)
+
+    def _gate_generator(self) -> torch.Generator:
+        if self._gate_rng is None or self._gate_rng.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self._gate_seed)
+            state = self._gate_rng_state if self._gate_rng is None else self._gate_rng.get_state()
+            if state is not None:
+                try:
+                    gen.set_state(state)
+                except RuntimeError:  # saved by another device type: its RNG state does not transfer
+                    warnings.warn(f"HMST gate RNG state does not fit a {self.device.type} generator; gates reseeded")
+            self._gate_rng, self._gate_rng_state = gen, None
+        return self._gate_rng
 
     def flops_per_token(self, seq_len: int) -> float:
         c = self.config
@@ -128,11 +161,10 @@ class HMSTLanguageModel(LanguageModel):
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x, y = batch["input_ids"], batch["targets"]
-        state = self.carried_state
-        if batch.get("first", False) or state is None or getattr(state, "batch_size", -1) != x.size(0):
-            state = None
-        out: HMSTOutput = self(x, state=state)
-        self.carried_state = detach_state(out.state)
+        # the TBPTT callback resets carried_state at epoch start, on batch["first"] and when the
+        # batch size changes (the model also starts afresh when the rows do not match)
+        out: HMSTOutput = self(x, state=self.carried_state)
+        self.carried_state = self.detach_state(out.state)
         n_tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
         loss = self._token_losses(out.logits, y).sum() / n_tokens
         self._check_finite(loss)
@@ -142,12 +174,7 @@ class HMSTLanguageModel(LanguageModel):
         critic = self._critic_loss(x, out)
         if critic is not None:
             aux["critic"] = self.loss_weights["critic"] * critic
-        total = loss
-        for name, value in aux.items():
-            total = total + value
-            self.log(f"aux/{name}", value.detach().float(), on_step=True, on_epoch=False)
-        for name, value in out.metrics.items():
-            self.log(f"mem/{name}", value.detach().float() if torch.is_tensor(value) else float(value), on_step=True, on_epoch=False)
+        total = loss + self._log_extras(out, aux=aux, on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._write_memories(x, out)
         self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
@@ -259,21 +286,92 @@ class HMSTLanguageModel(LanguageModel):
         return torch.cat(written) if written else torch.zeros(0, dtype=torch.long)
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, *args, **kwargs):
+    # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides
+    def generate(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
         """As the base, with the attention KV cache (sliding block_size window) plus the SSM state."""
         self._generating = True
         try:
-            yield from super().generate(*args, **kwargs)
+            yield from super().generate(prompt_ids, params, generator)
         finally:
             self._generating = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._generating = False
 
+    def configure_callbacks(self):
+        from memlm.callbacks.tbptt import default_tbptt
+
+        return default_tbptt(self)
+
+    # -- recurrent state (memlm.core.state.RecurrentState) ------------------------------------
+    # What HMST carries between training chunks: the SSM (conv, ssm) state of every Mamba layer,
+    # the stream position and the previous segment's pooled state (the episodic query).
+    def init_state(self, batch_size: int, device=None) -> HMSTState:
+        return self.model.init_state(batch_size, device)
+
+    def detach_state(self, state: HMSTState | None) -> HMSTState | None:
+        return None if state is None else state.detach()
+
+    def reset_rows(self, state: HMSTState, mask: torch.Tensor) -> HMSTState:
+        """Zero the SSM state of the masked rows and drop their previous segment (they read no
+        episodes, like a fresh stream); ``pos`` is the batch's shared stream clock and stays."""
+        mask = row_mask(mask, state.batch_size)
+        ssm = [(reset_tensor_rows(c, mask), reset_tensor_rows(s, mask)) for c, s in state.ssm]
+        pooled, valid = state.prev_pooled, state.prev_valid
+        if pooled is not None:
+            pooled = reset_tensor_rows(pooled, mask)
+            valid = ~mask.to(pooled.device) if valid is None else valid & ~mask.to(valid.device)
+        return HMSTState(ssm=ssm, pos=state.pos, prev_pooled=pooled, prev_valid=valid)
+
+    def state_batch_size(self, state: HMSTState) -> int:
+        return state.batch_size
+
+    def state_to_dict(self, state: HMSTState) -> dict[str, torch.Tensor]:
+        """``pos``, ``ssm.<i>.conv``, ``ssm.<i>.ssm``, ``prev_pooled`` [B, D] and ``prev_valid`` [B]:
+        always the same keys, so every DDP rank gathers the same tensors (no previous segment =
+        zero pooled state, not valid)."""
+        if state.kv is not None:
+            raise ValueError("an HMST state with a KV cache is a generation state, not a carried training state")
+        B = state.batch_size
+        dev = state.ssm[0][1].device if state.ssm else None
+        out = {"pos": torch.tensor(int(state.pos), dtype=torch.long)}
+        for i, (conv, ssm) in enumerate(state.ssm):
+            out[f"ssm.{i}.conv"], out[f"ssm.{i}.ssm"] = conv.detach().clone(), ssm.detach().clone()
+        if state.prev_pooled is None:
+            out["prev_pooled"] = torch.zeros(B, self.config.d_model, device=dev)
+            out["prev_valid"] = torch.zeros(B, dtype=torch.bool, device=dev)
+        else:
+            out["prev_pooled"] = state.prev_pooled.detach().clone()
+            valid = state.prev_valid if state.prev_valid is not None else torch.ones(B, dtype=torch.bool)
+            out["prev_valid"] = valid.to(state.prev_pooled.device, torch.bool).clone()
+        return out
+
+    def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> HMSTState:
+        n = self.config.ssm_layers
+        need = {"pos", "prev_pooled", "prev_valid"} | {f"ssm.{i}.{k}" for i in range(n) for k in ("conv", "ssm")}
+        if set(tensors) != need:
+            raise MemLMError(
+                f"saved HMST state {sorted(tensors)} does not fit this model ({n} SSM layers); resume with the "
+                "checkpoint's config"
+            )
+        ssm = [(tensors[f"ssm.{i}.conv"], tensors[f"ssm.{i}.ssm"]) for i in range(n)]
+        valid = tensors["prev_valid"].bool()
+        pooled = tensors["prev_pooled"] if bool(valid.any()) else None
+        valid = None if pooled is None or bool(valid.all()) else valid
+        return HMSTState(ssm=ssm, pos=int(tensors["pos"]), prev_pooled=pooled, prev_valid=valid)
+
     # -- checkpoint ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["hmst_memory"] = {"semantic": self.semantic.state_dict(), "episodic": self.episodic.state_dict()}
+        gen_state = self._gate_rng.get_state() if self._gate_rng is not None else self._gate_rng_state
+        if gen_state is not None:
+            checkpoint["hmst_memory"]["gate_rng"] = gen_state.clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -281,6 +379,8 @@ class HMSTLanguageModel(LanguageModel):
         if mem:
             self.semantic.load_state_dict(mem["semantic"])
             self.episodic.load_state_dict(mem["episodic"])
+            if mem.get("gate_rng") is not None:
+                self._gate_rng, self._gate_rng_state = None, mem["gate_rng"].cpu()
 
     def memory_report(self) -> dict:
         return {"semantic_items": len(self.semantic), "episodic_items": len(self.episodic),

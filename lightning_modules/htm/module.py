@@ -12,26 +12,32 @@ training and validation) and swapped in before the row is processed. Rows are pr
 one after another (row 0's chunk, then row 1's chunk, ...), exactly as if the streams
 were read in turn, and every row starts from its own previous context. The per-row state
 is cleared when ``batch["first"]`` is set (start of an epoch), at validation start and,
-with ``reset_on_eos``, after every end-of-text token (document boundary).
+with ``reset_on_eos``, after every end-of-text token (document boundary). The training
+rows' context is the module's :class:`memlm.core.state.RecurrentState`: the TBPTT callback
+(added unless the trainer has one) resets it at epoch start and keeps it in
+``checkpoint["tbptt"]``, so a resumed run continues every stream where it stopped.
 
 Everything the model has learned lives in numpy arrays outside ``nn.Parameter`` and is
 stored as tensors in ``checkpoint["htm_state"]`` (no pickle); loading restores it exactly.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
-from memlm.lightning_modules.base import LN2, MemLMModule, sample_next
+from memlm.callbacks.throughput import TokenThroughput
+from memlm.lightning_modules.base import MemLMModule, sample_next
 from memlm.models.htm.classifier import SDRClassifier
 from memlm.models.htm.encoder import TokenEncoder
 from memlm.models.htm.spatial_pooler import SpatialPooler
 from memlm.models.htm.temporal_memory import StreamState, TemporalMemory
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
+from memlm.core.state import flatten_tensors, row_mask, unflatten_tensors
+from memlm.core.sampling import SamplingParams, resolve_params
 
 
 def _to_tensors(state: dict) -> dict:
@@ -53,6 +59,7 @@ class HTMLanguageModel(MemLMModule):
     classifier reads: ``active`` cells or ``winners`` (one cell per active column).
     """
 
+    # jsonargparse builds the config schema from this signature, so it repeats SpatialPooler's and TemporalMemory's parameters
     def __init__(
         self,
         vocab_size: int = 256,
@@ -92,6 +99,8 @@ class HTMLanguageModel(MemLMModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        require_positive("model", vocab_size=vocab_size, encoder_size=encoder_size,
+                         encoder_active_bits=encoder_active_bits, columns=columns, cells_per_column=cells_per_column)
         if classifier_input not in ("active", "winners"):
             raise MemLMError(f"classifier_input={classifier_input!r}: use active or winners")
         if not use_spatial_pooler and columns != encoder_size:
@@ -126,7 +135,7 @@ class HTMLanguageModel(MemLMModule):
         self.reset_on_eos = bool(reset_on_eos)
         self.classifier_input = classifier_input
         self._streams: dict[str, list[StreamState]] = {"train": [], "val": []}
-        self._val: dict[str, float] = {}
+        self._anomaly = [0.0, 0]  # evaluation: summed per-batch mean anomaly, batches
 
     # -- Lightning plumbing ------------------------------------------------------------
     def configure_optimizers(self):
@@ -139,6 +148,45 @@ class HTMLanguageModel(MemLMModule):
                 "HTMLanguageModel learns sequentially in one process and has no multi-process policy; "
                 "run it with --trainer.devices=1"
             )
+
+    def configure_callbacks(self):
+        from memlm.callbacks.tbptt import default_tbptt
+
+        return default_tbptt(self)
+
+    # -- recurrent state (memlm.core.state.RecurrentState) ----------------------------------
+    # The carried training state is the per-row temporal-memory context (one StreamState per
+    # stream: previous active and winner cells); the learned connections are in htm_state.
+    @property
+    def carried_state(self) -> list[StreamState] | None:
+        return self._streams["train"] or None
+
+    @carried_state.setter
+    def carried_state(self, state: list[StreamState] | None) -> None:
+        self._streams["train"] = [] if state is None else list(state)
+
+    def init_state(self, batch_size: int, device=None) -> list[StreamState]:
+        return [StreamState.empty() for _ in range(batch_size)]
+
+    def detach_state(self, state: list[StreamState] | None) -> list[StreamState] | None:
+        return state  # numpy cell ids: there is no graph to cut
+
+    def reset_rows(self, state: list[StreamState], mask: torch.Tensor) -> list[StreamState]:
+        mask = row_mask(mask, len(state)).tolist()
+        return [StreamState.empty() if reset else row for row, reset in zip(state, mask)]
+
+    def state_batch_size(self, state: list[StreamState]) -> int:
+        return len(state)
+
+    def state_to_dict(self, state: list[StreamState]) -> dict[str, torch.Tensor]:
+        # cell counts differ per row, so each row is its own pair of tensors (HTM runs on one rank)
+        rows = [_to_tensors({"active": s.active, "winners": s.winners}) for s in state]
+        return flatten_tensors({"streams": rows})
+
+    def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> list[StreamState]:
+        rows = unflatten_tensors(dict(tensors)).get("streams", []) if tensors else []
+        return [StreamState(r["active"].cpu().numpy().astype(np.int32), r["winners"].cpu().numpy().astype(np.int32))
+                for r in rows]
 
     def _table(self) -> np.ndarray:
         if self.encoder_table is None:
@@ -221,42 +269,46 @@ class HTMLanguageModel(MemLMModule):
         self.log("mem/anomaly", r["anomaly"], prog_bar=True, on_step=True, on_epoch=False)
         self.log("mem/segments", float(self.tm.num_segments), on_step=True, on_epoch=False)
         self.log("mem/synapses", float(self.tm.num_synapses), on_step=True, on_epoch=False)
-        if self._trainer is not None:
-            # no optimizer steps in manual optimization: count the HTM update as the step so
-            # trainer.max_steps, val_check_interval and the logged step behave as usual
-            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-            progress.increment_ready()
-            progress.increment_completed()
+        self.count_online_step()
         callbacks = getattr(self.trainer, "callbacks", []) if self._trainer is not None else []
-        if not any(type(c).__name__ == "TokenThroughput" for c in callbacks):
+        if not any(isinstance(c, TokenThroughput) for c in callbacks):  # a plain Trainer: measure here
             tps = batch["input_ids"].numel() / max(time.perf_counter() - t0, 1e-9)
             self.log("train/tokens_per_sec", tps, on_step=True, on_epoch=False)
         return None
 
+    # -- evaluation (learning off; validation and test share the "val" stream states) -------------
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._streams["val"] = []
-        self._val = {"nll": 0.0, "correct": 0.0, "count": 0.0, "bytes": 0.0, "anomaly": 0.0, "batches": 0.0}
+        self._anomaly = [0.0, 0]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._streams["val"] = []
+        self._anomaly = [0.0, 0]
+
+    def _eval_batch(self, batch: dict, dataloader_idx: int) -> None:
         r = self._run_batch(batch, "val", learn=False)
-        v = self._val
-        for k in ("nll", "correct", "count"):
-            v[k] += r[k]
-        v["anomaly"] += r["anomaly"]
-        v["batches"] += 1
-        v["bytes"] += float(self.bytes_of(batch["targets"].cpu()))
+        nbytes = self.bytes_of(batch["targets"].to(self.token_bytes.device))
+        self.eval_sums(dataloader_idx).update(r["nll"], r["count"], nbytes, r["correct"])
+        self._anomaly[0] += r["anomaly"]
+        self._anomaly[1] += 1
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        v = self._val
-        if not v or v["count"] == 0:
-            return
-        loss = v["nll"] / v["count"]
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", math.exp(min(loss, 50.0)))
-        if v["bytes"] > 0 and not math.isnan(v["bytes"]):
-            self.log("val/bpb", v["nll"] / (LN2 * v["bytes"]), prog_bar=True)
-        self.log("val/acc", v["correct"] / v["count"])
-        self.log("mem/val_anomaly", v["anomaly"] / max(v["batches"], 1.0))
+        super().on_validation_epoch_end()
+        if self._anomaly[1]:
+            self.log("mem/val_anomaly", self._anomaly[0] / self._anomaly[1])
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self._anomaly[1]:
+            self.log("mem/test_anomaly", self._anomaly[0] / self._anomaly[1])
 
     # -- checkpoint -------------------------------------------------------------------------
     def htm_state(self) -> dict:
@@ -265,8 +317,7 @@ class HTMLanguageModel(MemLMModule):
             "encoder_table": torch.from_numpy(self._table().copy()),
             "tm": _to_tensors(self.tm.state_dict()),
             "classifier": _to_tensors(self.classifier.state_dict()),
-            "train_streams": [_to_tensors({"active": s.active, "winners": s.winners}) for s in self._streams["train"]],
-        }
+        }  # the per-stream context is carried training state: checkpoint["tbptt"] (RecurrentState)
         if self.sp is not None:
             state["sp"] = _to_tensors(self.sp.state_dict())
         return state
@@ -284,6 +335,7 @@ class HTMLanguageModel(MemLMModule):
             self.sp.load_state_dict(_to_numpy(state["sp"]))
         self.tm.load_state_dict(_to_numpy(state["tm"]))
         self.classifier.load_state_dict(_to_numpy(state["classifier"]))
+        # checkpoints written before the RecurrentState protocol kept the stream context here
         self._streams["train"] = [
             StreamState(s["active"].numpy().astype(np.int32), s["winners"].numpy().astype(np.int32))
             for s in state.get("train_streams", [])
@@ -310,21 +362,22 @@ class HTMLanguageModel(MemLMModule):
             self.tm.stream = saved
         return torch.from_numpy(logp[-1]).float()
 
+    # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides
     @torch.no_grad()
     def generate(
         self,
         prompt_ids,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
+        params: SamplingParams | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
         """Feed the prompt with learning off, then sample from the classifier and feed the sample back.
 
-        Only a private copy of the per-step cell state changes; the learned state does not."""
+        Only a private copy of the per-step cell state changes; the learned state does not.
+        ``params.use_cache`` has no effect: the cell state is always carried step to step."""
+        params = resolve_params(params)
+        eos_id = params.eos_id
+        if generator is None:
+            generator = params.make_generator("cpu")  # the classifier's log-probabilities live on the CPU
         ids = [int(i) for i in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         if not ids:
             ids = [eos_id if eos_id is not None else 0]
@@ -334,8 +387,8 @@ class HTMLanguageModel(MemLMModule):
             ids_np = np.asarray(ids, dtype=np.int64)
             _, _, _, logp = self.process(ids_np, np.full(len(ids_np), -1), learn=False, want_logp=True)
             last = torch.from_numpy(logp[-1]).float()
-            for _ in range(int(max_new_tokens)):
-                nxt = int(sample_next(last[None], temperature, top_k, top_p, generator)[0])
+            for _ in range(params.max_new_tokens):
+                nxt = int(sample_next(last[None], params, generator)[0])
                 yield nxt
                 if eos_id is not None and nxt == eos_id:
                     break

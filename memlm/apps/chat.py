@@ -22,6 +22,7 @@ import os
 import sys
 
 from memlm.core.errors import MemLMError, run_main
+from memlm.core.sampling import InvalidSamplingParam, SamplingParams
 
 DEFAULT_HEBBIAN_STATE = os.path.join("~", ".memlm", "hebbian_state.pt")
 
@@ -61,6 +62,11 @@ def parse_args(argv=None):
         raise MemLMError("pass either --ckpt or --base-url, not both")
     if args.max_new_tokens < 1:
         raise MemLMError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:  # the ranges every generate() accepts, checked before a model is loaded
+        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    except InvalidSamplingParam as exc:
+        raise MemLMError(exc.message_for("--" + exc.field.replace("_", "-"))) from None
     return args
 
 

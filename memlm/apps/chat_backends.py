@@ -22,6 +22,7 @@ import numpy as np
 
 from memlm.core.errors import MemLMError
 from memlm.core.openai_client import OpenAIClient, normalise_base_url  # noqa: F401 (re-exported)
+from memlm.core.sampling import SamplingParams
 
 ROLE_TAGS = {"system": "System", "user": "User", "assistant": "Assistant"}
 STOP_STRINGS = ("\nUser:", "\nSystem:", "\nAssistant:")
@@ -110,24 +111,24 @@ class LocalBackend(ChatBackend):
     def stream_prompt(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8,
                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                       stop: list[str] | None = None, info: dict | None = None) -> Iterator[str]:
-        """Continue ``prompt`` (text or token ids), yielding text pieces as they are generated."""
-        import torch
+        """Continue ``prompt`` (text or token ids), yielding text pieces as they are generated.
 
-        info = info if info is not None else {}
+        The sampling values are checked here, before the first piece (MemLMError when out of range)."""
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                eos_id=self.tokenizer.eos_id, seed=seed)
+        return self._stream(prompt, params, stop, info if info is not None else {})
+
+    def _stream(self, prompt: str | list[int], params: SamplingParams, stop: list[str] | None, info: dict) -> Iterator[str]:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             ids = [self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0]
         info.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length")
         stops = [s for s in (stop or []) if s]
-        eos = self.tokenizer.eos_id
+        eos = params.eos_id
         with self.lock:
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=getattr(self.module, "device", "cpu")).manual_seed(int(seed))
             out: list[int] = []
             emitted = ""
-            for tok in self.module.generate(ids, max_new_tokens=int(max_tokens), temperature=float(temperature),
-                                            top_k=top_k, top_p=top_p, eos_id=eos, generator=gen):
+            for tok in self.module.generate(ids, params):
                 if eos is not None and tok == eos:
                     info["finish_reason"] = "stop"
                     break
@@ -170,8 +171,10 @@ class OpenAIBackend(ChatBackend):
 
     can_extract = True
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0) -> None:
-        self.client = OpenAIClient(base_url, model=model, api_key=api_key, timeout=timeout)
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+                 retries: int = 1) -> None:
+        # retries apply to whole (non-streamed) requests only: a half-streamed reply is never re-sent
+        self.client = OpenAIClient(base_url, model=model, api_key=api_key, timeout=timeout, retries=retries)
         self.base_url = self.client.base_url
         self.api_key = self.client.api_key
         self.model = self.client.model  # resolves the server's first model now, so a dead server fails here
@@ -181,6 +184,12 @@ class OpenAIBackend(ChatBackend):
                     info=None) -> Iterator[str]:
         return self.client.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, stop=stop, info=info)
+
+    def chat(self, messages, max_tokens=128, temperature=0.8, top_k=None, top_p=None, seed=None, stop=None,
+             info=None) -> str:
+        """One non-streamed, retried completion: what LTML extraction needs (the whole JSON reply, or an error)."""
+        return self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, stop=stop, info=info)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.client.embed(texts)

@@ -37,7 +37,9 @@ def ingest_file(ckpt: str | Path, file: str | Path, out: str | Path | None = Non
     before = len(module.semantic)
     ids = module.ingest(text, stride=stride)
     raw = read_checkpoint(ckpt)
-    raw["hmst_memory"] = {"semantic": module.semantic.state_dict(), "episodic": module.episodic.state_dict()}
+    # the other entries (the training gates' generator state) stay, so training can still resume exactly
+    raw["hmst_memory"] = {**(raw.get("hmst_memory") or {}), "semantic": module.semantic.state_dict(),
+                          "episodic": module.episodic.state_dict()}
     target = Path(out) if out else Path(ckpt)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")

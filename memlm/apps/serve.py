@@ -36,6 +36,7 @@ import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the endpoints' string annotations here
 
 from memlm.core.errors import MemLMError, run_main
+from memlm.core.sampling import InvalidSamplingParam, SamplingParams
 
 
 class APIError(Exception):
@@ -98,15 +99,22 @@ class ServerState:
             stop = [stop]
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
-        top_k = body.get("top_k")
-        return {
+        params = {
             "max_tokens": max_tokens,
-            "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _num(body, "top_p", None, 0.0, 1.0),
-            "top_k": _num(body, "top_k", None, 1, None, int) if top_k is not None else None,
-            "seed": _num(body, "seed", None, None, None, int),
+            "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),  # OpenAI's range
+            "top_p": _num(body, "top_p", None),
+            "top_k": _num(body, "top_k", None, cast=int),
+            "seed": _num(body, "seed", None, cast=int),
             "stop": stop,
         }
+        # the ranges every generate() accepts, checked now so a streaming request fails before its first byte
+        try:
+            SamplingParams(max_new_tokens=max_tokens, temperature=params["temperature"], top_k=params["top_k"],
+                           top_p=params["top_p"], seed=params["seed"])
+        except InvalidSamplingParam as exc:
+            param = key if exc.field == "max_new_tokens" else exc.field
+            raise APIError(400, exc.message_for(param), param=param, code="invalid_value") from None
+        return params
 
     def check_prompt(self, n_tokens: int) -> None:
         if n_tokens > self.max_prompt_tokens:

@@ -22,9 +22,11 @@ API_KEY_ENV = "OPENAI_API_KEY"
 
 def normalise_base_url(url: str) -> str:
     """The ``.../v1`` base of an OpenAI-compatible server, from any of the address forms above."""
-    url = (url or "").strip().rstrip("/")
-    if not urlparse(url).scheme:
+    url = (url or "").strip()
+    # "localhost:11434" parses as scheme "localhost"; an address without "://" is host[:port][/path]
+    if url and "://" not in url:
         url = "http://" + url
+    url = url.rstrip("/")
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise MemLMError(f"{url!r} is not an http(s) address; use e.g. http://localhost:11434/v1")
@@ -35,6 +37,19 @@ def normalise_base_url(url: str) -> str:
     if urlparse(url).path in ("", "/"):
         url += "/v1"
     return url
+
+
+class OpenAIRequestError(MemLMError):
+    """A request that failed; ``reason`` is the cause alone (e.g. ``HTTP 500``), without the advice."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _first_line(obj) -> str:
+    text = str(obj).strip()
+    return text.splitlines()[0].strip() if text else ""
 
 
 class OpenAIClient:
@@ -53,25 +68,46 @@ class OpenAIClient:
         self._model = model
 
     # -- errors -------------------------------------------------------------------------
-    def error(self, exc: Exception) -> MemLMError:
+    def error(self, exc: Exception) -> OpenAIRequestError:
         """One line for a failed request: what happened, and what to do about it."""
         o = self._openai
+        reason = self.reason(exc)
         if isinstance(exc, o.APITimeoutError):
-            return MemLMError(f"the server at {self.base_url} gave no answer within {self.timeout:g} s")
+            msg = f"the server at {self.base_url} gave no answer within {self.timeout:g} s; check it is not stuck, or raise the timeout"
+        elif isinstance(exc, o.APIConnectionError):
+            detail = reason.removeprefix("cannot connect").lstrip(": ")
+            msg = (f"cannot reach an OpenAI-compatible server at {self.base_url}" + (f" ({detail})" if detail else "")
+                   + "; start it (e.g. python serve.py --ckpt CKPT) or fix the URL")
+        elif isinstance(exc, o.AuthenticationError):
+            msg = f"the server at {self.base_url} rejected the API key; pass the right --api-key"
+        elif isinstance(exc, o.NotFoundError):
+            msg = f"the server at {self.base_url} has no model {self._model!r}; pick one from its /v1/models with --model"
+        elif isinstance(exc, o.APIStatusError):
+            msg = f"the server at {self.base_url} answered {reason}"
+        elif isinstance(exc, ValueError):
+            msg = f"the server at {self.base_url} did not answer in the OpenAI format; check the URL points at an OpenAI-compatible server"
+        else:
+            msg = f"request to {self.base_url} failed: {reason}"
+        return OpenAIRequestError(msg, reason=reason)
+
+    def reason(self, exc: Exception) -> str:
+        """The failure alone, in a few words (callers that give their own advice quote this)."""
+        o = self._openai
+        if isinstance(exc, o.APITimeoutError):
+            return f"no answer within {self.timeout:g} s"
         if isinstance(exc, o.APIConnectionError):
-            return MemLMError(
-                f"cannot reach an OpenAI-compatible server at {self.base_url}; start it (e.g. python serve.py --ckpt CKPT) "
-                "or fix the URL"
-            )
-        if isinstance(exc, o.AuthenticationError):
-            return MemLMError(f"the server at {self.base_url} rejected the API key; pass the right --api-key")
-        if isinstance(exc, o.NotFoundError):
-            return MemLMError(f"the server at {self.base_url} has no model {self._model!r}; "
-                              "pick one from its /v1/models with --model")
+            cause = exc.__cause__ or exc.__context__
+            detail = _first_line(cause) if cause is not None else ""
+            return f"cannot connect: {detail}" if detail else "cannot connect"
         if isinstance(exc, o.APIStatusError):
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return MemLMError(f"the server at {self.base_url} answered {exc.status_code}: {msg}")
-        return MemLMError(f"request to {self.base_url} failed: {exc}")
+            try:
+                detail = _first_line(exc.response.text)[:200]
+            except Exception:  # a streamed body that cannot be read again
+                detail = ""
+            return f"HTTP {exc.status_code}: {detail}" if detail else f"HTTP {exc.status_code}"
+        if isinstance(exc, ValueError):  # undecodable JSON or a body that does not fit the OpenAI schema
+            return "the answer is not an OpenAI API response"
+        return _first_line(exc) or type(exc).__name__
 
     def _retryable(self, exc: Exception) -> bool:
         o = self._openai
@@ -86,7 +122,7 @@ class OpenAIClient:
                 time.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
             try:
                 return fn(*args, **kw)
-            except self._openai.OpenAIError as exc:
+            except (self._openai.OpenAIError, ValueError) as exc:
                 last = exc
                 if not self._retryable(exc):
                     break
@@ -138,12 +174,14 @@ class OpenAIClient:
                 piece = choice.delta.content if choice.delta else None
                 if piece:
                     yield piece
-        except self._openai.OpenAIError as exc:
+        except (self._openai.OpenAIError, ValueError) as exc:
             raise self.error(exc) from exc
 
     def complete(self, messages, max_tokens=128, temperature=0.7, top_k=None, top_p=None, seed=None, stop=None,
-                 response_format: dict | None = None, extra_body=None) -> str:
-        """The whole reply text of one non-streamed chat completion (retried on 5xx/429/timeouts)."""
+                 response_format: dict | None = None, extra_body=None, info: dict | None = None) -> str:
+        """The whole reply text of one non-streamed chat completion (retried on 5xx/429/timeouts).
+
+        ``info`` receives ``finish_reason`` and, when the server reports usage, the token counts."""
         kw = self._chat_kwargs(messages, max_tokens, temperature, top_k, top_p, seed, stop, extra_body)
         if response_format is not None:
             kw["response_format"] = response_format
@@ -151,9 +189,17 @@ class OpenAIClient:
         try:
             content = resp.choices[0].message.content
         except (AttributeError, IndexError, TypeError):
-            raise MemLMError(f"the server at {self.base_url} did not answer with a chat completion") from None
+            raise OpenAIRequestError(f"the server at {self.base_url} did not answer with an OpenAI chat completion; "
+                                     "check the URL points at an OpenAI-compatible server",
+                                     reason="the answer is not an OpenAI chat-completions response") from None
         if content is not None and not isinstance(content, str):
-            raise MemLMError(f"the server at {self.base_url} answered without text content")
+            raise OpenAIRequestError(f"the server at {self.base_url} answered without text content",
+                                     reason="the answer has no text content")
+        if info is not None:
+            info["finish_reason"] = resp.choices[0].finish_reason
+            usage = getattr(resp, "usage", None)
+            if usage is not None:
+                info.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
         return content or ""
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -266,7 +266,11 @@ def parse_llm_items(reply: str) -> list[Candidate] | None:
 
 
 def extract_llm(messages: list[tuple[str, str]], backend) -> list[Candidate] | None:
-    """Ask ``backend`` (a :class:`memlm.apps.chat_backends.ChatBackend`) to extract memories."""
+    """Ask ``backend`` (a :class:`memlm.apps.chat_backends.ChatBackend`) to extract memories.
+
+    A remote backend answers through :class:`memlm.core.openai_client.OpenAIClient` as one
+    non-streamed request, retried on 5xx/429/timeouts; any failure raises and the caller
+    falls back to the rule-based extractor."""
     convo = "\n".join(f"[{i}] {role}: {content}" for i, (role, content) in enumerate(messages))
     reply = backend.chat([{"role": "user", "content": LLM_PROMPT + convo}], max_tokens=512, temperature=0.0)
     return parse_llm_items(reply)

@@ -287,14 +287,17 @@ class Store:
         with self._lock:
             return self.conn.execute(sql).fetchall()
 
-    def interactions(self, session_id: int | None = None) -> list[tuple[int, int, str, str, float]]:
-        sql = "SELECT id, session_id, role, content, created_at FROM interactions"
-        args: tuple = ()
-        if session_id is not None:
-            sql += " WHERE session_id=?"
-            args = (session_id,)
+    def _rows_by_id(self, select: str, column: str, value: int | None) -> list[tuple]:
+        """``select`` in id order, limited to ``column = value`` unless ``value`` is None (all rows).
+
+        ``column`` is one of this class's own column names, never user input."""
+        where, args = ("", ()) if value is None else (f" WHERE {column}=?", (value,))
         with self._lock:
-            return self.conn.execute(sql + " ORDER BY id", args).fetchall()
+            return self.conn.execute(select + where + " ORDER BY id", args).fetchall()
+
+    def interactions(self, session_id: int | None = None) -> list[tuple[int, int, str, str, float]]:
+        return self._rows_by_id("SELECT id, session_id, role, content, created_at FROM interactions",
+                                "session_id", session_id)
 
     # -- memories ---------------------------------------------------------------------
     def memories(self, active_only: bool = True, with_embeddings: bool = True) -> list[Memory]:
@@ -368,13 +371,7 @@ class Store:
             )
 
     def history(self, memory_id: int | None = None) -> list[tuple[int, int, str, dict, float]]:
-        sql = "SELECT id, memory_id, action, detail, at FROM memory_history"
-        args: tuple = ()
-        if memory_id is not None:
-            sql += " WHERE memory_id=?"
-            args = (memory_id,)
-        with self._lock:
-            rows = self.conn.execute(sql + " ORDER BY id", args).fetchall()
+        rows = self._rows_by_id("SELECT id, memory_id, action, detail, at FROM memory_history", "memory_id", memory_id)
         return [(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
 
     def update_memory(self, memory_id: int, **fields) -> None:

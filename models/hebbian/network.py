@@ -298,12 +298,13 @@ def _run(ids, learn, targets, weights, usage, alive, drive_0, touched_0, drive_c
                 usage[new_winners[j]] += 1.0
             if n_hist > 0:
                 # a. depression of the last winners' synapses onto predicted cells whose column did not fire
+                #    ("predicted" = the last winners alone reach threshold, drive_0, as in step 2)
                 if dep < 1.0:
                     for a in range(hist_n[head]):
                         r = hist[head, a]
                         for s in range(S):
                             t = targets[r, s]
-                            if t >= 0 and t // C != y and drive_c[t] >= thr:
+                            if t >= 0 and t // C != y and drive_0[t] >= thr:
                                 w_old = weights[r, s]
                                 w_new = np.float32(w_old * dep)
                                 change += abs(w_old - w_new)
@@ -549,6 +550,31 @@ class ColumnNetwork:
         self._active[:], self._hist[:], self._hist_n[:] = active, hist, hist_n
         keep = [_N_ACTIVE, _HEAD, _N_HIST]
         self._state[keep] = state[keep]
+        self._refresh()
+
+    def context_tensors(self) -> dict[str, torch.Tensor]:
+        """The current context (what :meth:`reset` forgets) as tensors: active set, winner
+        history and its cursor (n_active, head, n_hist); the learned weights are not in it."""
+        return {
+            "active": torch.from_numpy(self._active.copy()),
+            "hist": torch.from_numpy(self._hist.copy()),
+            "hist_n": torch.from_numpy(self._hist_n.copy()),
+            "cursor": torch.from_numpy(self._state[[_N_ACTIVE, _HEAD, _N_HIST]].copy()),
+        }
+
+    def empty_context_tensors(self) -> dict[str, torch.Tensor]:
+        """A context with nothing active and no history (:meth:`reset`'s, with the ring head at 0)."""
+        return {k: torch.zeros_like(v) for k, v in self.context_tensors().items()}
+
+    def load_context_tensors(self, ctx: dict[str, torch.Tensor]) -> None:
+        shapes = {"active": self._active.shape, "hist": self._hist.shape, "hist_n": self._hist_n.shape, "cursor": (3,)}
+        for name, shape in shapes.items():
+            if tuple(ctx[name].shape) != tuple(shape):
+                raise ValueError(f"context {name} has shape {tuple(ctx[name].shape)}, this network expects {shape}")
+        self._active[:] = ctx["active"].cpu().numpy()
+        self._hist[:] = ctx["hist"].cpu().numpy()
+        self._hist_n[:] = ctx["hist_n"].cpu().numpy()
+        self._state[[_N_ACTIVE, _HEAD, _N_HIST]] = ctx["cursor"].cpu().numpy()
         self._refresh()
 
     # -- running ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""A client for any OpenAI-compatible chat-completions endpoint, used as the learner's teacher.
+"""The learner's teacher: any OpenAI-compatible chat-completions server.
 
-Works with LM Studio (default ``http://localhost:1234/v1/chat/completions``), Ollama
-(``http://localhost:11434/v1``), or a MemLM model served by this project's ``serve.py``.
-The URL may be the full ``.../chat/completions`` address, the ``.../v1`` base, or a bare
-``http://host:port``.
+Works with LM Studio (default ``http://localhost:1234/v1``), Ollama (``http://localhost:11434/v1``),
+or a MemLM model served by this project's ``serve.py``. Requests go through the project's one
+client, :class:`memlm.core.openai_client.OpenAIClient`, so the URL may be the full
+``.../v1/chat/completions`` address, the ``.../v1`` base, or a bare ``http://host:port``.
 
 Failures (connection refused, timeout, HTTP error, malformed answer) raise
 :class:`TeacherUnavailable`, a :class:`memlm.core.errors.MemLMError` with one clear line; the
@@ -11,34 +11,17 @@ learner catches it and keeps learning from the user alone.
 """
 from __future__ import annotations
 
-import time
-from urllib.parse import urlparse
-
-import httpx
-
 from memlm.core.errors import MemLMError
+from memlm.core.openai_client import OpenAIClient, OpenAIRequestError
 
-DEFAULT_TEACHER_URL = "http://localhost:1234/v1/chat/completions"
+DEFAULT_TEACHER_URL = "http://localhost:1234/v1"
 DEFAULT_SYSTEM_PROMPT = "You are a patient teacher talking to a small learner. Answer in one or two short, simple sentences."
+#: LM Studio and Ollama's OpenAI endpoints accept any name here; naming one skips a /v1/models round trip.
+DEFAULT_TEACHER_MODEL = "local-model"
 
 
 class TeacherUnavailable(MemLMError):
     """The teacher could not be reached or gave no usable answer."""
-
-
-def chat_completions_url(url: str) -> str:
-    """Normalise a server address to its ``/v1/chat/completions`` endpoint."""
-    url = url.strip().rstrip("/")
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise MemLMError(f"teacher URL {url!r} is not an http(s) address; use e.g. {DEFAULT_TEACHER_URL}")
-    if url.endswith("/chat/completions"):
-        return url
-    if url.endswith("/v1"):
-        return url + "/chat/completions"
-    if parsed.path in ("", "/"):
-        return url + "/v1/chat/completions"
-    return url + "/chat/completions"
 
 
 class TeacherClient:
@@ -53,16 +36,15 @@ class TeacherClient:
         temperature: float = 0.7,
         api_key: str | None = None,
     ) -> None:
-        self.url = chat_completions_url(url)
-        self.model = model or "local-model"
-        self.timeout = float(timeout)
-        self.retries = max(0, int(retries))
+        self.client = OpenAIClient(url, model=model or DEFAULT_TEACHER_MODEL, api_key=api_key, timeout=timeout,
+                                   retries=retries)
+        self.url = self.client.base_url
+        self.model = self.client.model
+        self.timeout = self.client.timeout
+        self.retries = self.client.retries
         self.system_prompt = system_prompt
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
         self.calls = 0
         self.failures = 0
 
@@ -77,40 +59,13 @@ class TeacherClient:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages += list(history or [])
         messages.append({"role": "user", "content": user_text})
-        payload = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "stream": False,
-        }
         self.calls += 1
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
-            try:
-                resp = httpx.post(self.url, json=payload, headers=self.headers, timeout=self.timeout)
-            except httpx.TimeoutException:
-                last = f"no answer within {self.timeout:g} s"
-                continue
-            except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-                continue
-            if resp.status_code >= 500 or resp.status_code == 429:
-                last = f"HTTP {resp.status_code}"
-                continue
-            if resp.status_code >= 400:
-                self.failures += 1
-                raise self._down(f"HTTP {resp.status_code}: {resp.text[:200].strip()}")
-            try:
-                content = resp.json()["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                self.failures += 1
-                raise self._down("the answer is not an OpenAI chat-completions response")
-            if not isinstance(content, str):
-                self.failures += 1
-                raise self._down("the answer has no text content")
-            return content.strip()
-        self.failures += 1
-        raise self._down(last)
+        try:
+            reply = self.client.complete(messages, max_tokens=self.max_tokens, temperature=self.temperature)
+        except OpenAIRequestError as exc:
+            self.failures += 1
+            raise self._down(exc.reason) from exc
+        except MemLMError as exc:
+            self.failures += 1
+            raise self._down(str(exc)) from exc
+        return reply.strip()

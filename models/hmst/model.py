@@ -92,6 +92,9 @@ class HMSTState:
     prev_pooled: torch.Tensor | None = None  # [B, D] pooled state of the previous segment
     kv: KVCache | None = None  # attention cache (generation only), trimmed to block_size
     decision: GateDecision | None = None  # gates held fixed while a KV cache is in use
+    # [B] bool, None = all True: False for a row whose memory was reset (its prev_pooled is not a
+    # previous segment of its stream), so that row reads no episodes, like a fresh stream
+    prev_valid: torch.Tensor | None = None
 
     def detach(self) -> "HMSTState":
         return HMSTState(
@@ -100,6 +103,7 @@ class HMSTState:
             prev_pooled=None if self.prev_pooled is None else self.prev_pooled.detach(),
             kv=self.kv,
             decision=self.decision,
+            prev_valid=self.prev_valid,
         )
 
     @property
@@ -408,7 +412,10 @@ class HMSTModel(nn.Module):
             eps = self._episodes(state.prev_pooled, episodic_store, Tq)
             if eps is not None:
                 items.append(eps[run_idx])
-                masks.append(torch.ones(eps.shape[:3], dtype=torch.bool, device=dev)[run_idx] & (ep_on > 0.5))
+                ep_mask = torch.ones(eps.shape[:3], dtype=torch.bool, device=dev)
+                if state.prev_valid is not None:
+                    ep_mask = ep_mask & state.prev_valid.to(dev).view(-1, 1, 1)
+                masks.append(ep_mask[run_idx] & (ep_on > 0.5))
             if items:
                 read, mem_attn = self.reader(hu, torch.cat(items, 2), torch.cat(masks, 2), stride)
                 hu = hu + read

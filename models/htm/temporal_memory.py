@@ -93,13 +93,19 @@ def _rand_below(rng, n):
 # ---------------------------------------------------------------------------------------
 # connections: create / destroy
 @njit(cache=True)
+def _take_slot(free, counters, c_free, c_hw):
+    """A slot (segment or synapse row): the last freed one if any, else the next never used (high-water mark)."""
+    if counters[c_free] > 0:
+        counters[c_free] -= 1
+        return free[counters[c_free]]
+    slot = counters[c_hw]
+    counters[c_hw] += 1
+    return slot
+
+
+@njit(cache=True)
 def _create_synapse(g, pre, p, segs, syns, perm, cell_first_syn, syn_free, counters):
-    if counters[C_SYN_FREE] > 0:
-        counters[C_SYN_FREE] -= 1
-        s = syn_free[counters[C_SYN_FREE]]
-    else:
-        s = counters[C_SYN_HW]
-        counters[C_SYN_HW] += 1
+    s = _take_slot(syn_free, counters, C_SYN_FREE, C_SYN_HW)
     syns[s, Y_SEG] = g
     syns[s, Y_PRE] = pre
     perm[s, Y_PERM] = p
@@ -179,12 +185,7 @@ def _create_segment(cell, max_seg, segs, syns, cell_first_syn, cell_first_seg, c
                 best = g
             g = segs[S_NEXT, g]
         _destroy_segment(best, segs, syns, cell_first_syn, cell_first_seg, cell_nseg, seg_free, syn_free, counters)
-    if counters[C_SEG_FREE] > 0:
-        counters[C_SEG_FREE] -= 1
-        g = seg_free[counters[C_SEG_FREE]]
-    else:
-        g = counters[C_SEG_HW]
-        counters[C_SEG_HW] += 1
+    g = _take_slot(seg_free, counters, C_SEG_FREE, C_SEG_HW)
     segs[S_CELL, g] = cell
     segs[S_NSYN, g] = 0
     segs[S_FIRST, g] = -1

@@ -14,12 +14,13 @@ import yaml
 from memlm.checkpoint import load_module
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
 from memlm.core.errors import MemLMError
+from memlm.core.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "transformer_micro.yaml"
 TINY = [
     "--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=32",
-    "--model.init_args.block_size=32", "--model.init_args.warmup_steps=2",
+    "--model.init_args.block_size=32", "--model.init_args.optimizer.warmup_steps=2",
     "--data.init_args.tokenizer=char", "--data.init_args.block_size=32", "--data.init_args.batch_size=4",
     "--data.init_args.max_val_batches=1",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -95,7 +96,7 @@ def test_load_module_rebuilds_model_with_tokenizer(tiny_run):
     for k, v in tiny_run.model.state_dict().items():
         assert torch.equal(module.state_dict()[k], v), k
     ids = module.tokenizer.encode("def f(x):")
-    out = list(module.generate(ids, 8, temperature=0))
+    out = list(module.generate(ids, SamplingParams(8, temperature=0)))
     assert len(out) <= 8 and all(0 <= t < module.vocab_size for t in out)
     assert isinstance(module.tokenizer.decode(out), str)
     with pytest.raises(MemLMError, match="checkpoint not found"):
@@ -147,7 +148,9 @@ def test_tensorboard_logger_and_no_logger(tmp_path, memlm_cache):
     cli = run_cli(tmp_path, "--run.name=none", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
                   logger="[none]")
     assert cli.trainer.logger is None and not (cli.run_dir / "metrics.csv").exists()
-    assert (cli.run_dir / "checkpoints" / "last.ckpt").is_file() or cli.trainer.global_step == 1
+    # no logger still trains the one step and still writes last.ckpt (FinalLastCheckpoint) holding that step
+    assert (cli.run_dir / "checkpoints" / "last.ckpt").is_file() and cli.trainer.global_step == 1
+    assert torch.load(cli.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     with pytest.raises(MemLMError, match="unknown --run.logger"):
         run_cli(tmp_path, "--trainer.max_steps=1", logger="[mlflow]")
 
@@ -196,9 +199,9 @@ def test_fast_dev_run_micro_config(config, tmp_path, memlm_cache):
 def test_last_checkpoint_is_the_final_state_even_without_improvement(tmp_path, memlm_cache):
     """Lightning's save_last only refreshes last.ckpt when the best checkpoint improves; ours
     must hold the newest state: after every validation and at the final step."""
-    lr_too_high = "--model.init_args.learning_rate=5.0"  # val/loss gets worse after the first check
+    lr_too_high = "--model.init_args.optimizer.learning_rate=5.0"  # val/loss gets worse after the first check
     cli = run_cli(tmp_path, "--run.name=fresh", "--trainer.max_steps=7", "--trainer.val_check_interval=2",
-                  lr_too_high, "--model.init_args.warmup_steps=1")
+                  lr_too_high, "--model.init_args.optimizer.warmup_steps=1")
     ckpt_dir = cli.run_dir / "checkpoints"
     last = torch.load(ckpt_dir / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["global_step"] == 7

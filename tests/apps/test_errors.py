@@ -20,6 +20,7 @@ import torch
 from memlm.checkpoint import load_module, read_checkpoint
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
 from memlm.core.errors import MemLMError, format_error, run_main
+from memlm.core.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "transformer_micro.yaml"
@@ -53,8 +54,8 @@ def subprocess_runs(tmp_path_factory, memlm_cache):
     cases = {
         "class_path": _train_cmd(root, "--model.class_path=memlm.lightning_modules.transformer.NoSuchLM"),
         # a huge learning rate after a short warmup: a checkpoint every step, then the loss explodes
-        "nan_loss": _train_cmd(root, "--run.name=nan", "--run.ckpt_every_n_steps=1", "--model.init_args.learning_rate=1e6",
-                               "--model.init_args.warmup_steps=3", "--trainer.gradient_clip_val=null",
+        "nan_loss": _train_cmd(root, "--run.name=nan", "--run.ckpt_every_n_steps=1", "--model.init_args.optimizer.learning_rate=1e6",
+                               "--model.init_args.optimizer.warmup_steps=3", "--trainer.gradient_clip_val=null",
                                "--trainer.max_steps=30", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"),
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMLM_QUIET": "1"}
@@ -95,7 +96,7 @@ def test_subprocess_nan_loss_keeps_last_good_checkpoint(subprocess_runs):
     assert 1 <= ckpt["global_step"] <= bad_step
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     module = load_module(last)  # and it is usable
-    assert len(list(module.generate([1, 2], 3, temperature=0))) >= 1
+    assert len(list(module.generate([1, 2], SamplingParams(3, temperature=0)))) >= 1
 
 
 # -- the same contract in-process -----------------------------------------------------------------

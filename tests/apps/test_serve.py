@@ -28,11 +28,13 @@ def _build_tiny_checkpoint(path: Path) -> Path:
     import lightning as L
 
     from memlm.core.tokenizer import build_tokenizer
+    from memlm.lightning_modules.language_model import OptimizerConfig
     from memlm.lightning_modules.transformer import TransformerLM
 
     torch.manual_seed(0)
     tok = build_tokenizer("byte")
-    module = TransformerLM(vocab_size=tok.vocab_size, block_size=512, n_layer=1, n_head=2, n_embd=32, warmup_steps=1)
+    module = TransformerLM(vocab_size=tok.vocab_size, block_size=512, n_layer=1, n_head=2, n_embd=32,
+                           optimizer=OptimizerConfig(warmup_steps=1))
     module.set_tokenizer(tok)
     text = ("User: hello\nAssistant: hello there\n" * 20).encode()
     ids = torch.tensor([tok.encode(chr(b))[0] for b in text[: 8 * 33]]).view(8, 33)

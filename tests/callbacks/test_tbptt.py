@@ -7,6 +7,7 @@ import torch
 from memlm.callbacks.tbptt import TBPTT
 from memlm.datamodules.recall import RecallDataModule
 from memlm.lightning_modules.hamt.module import HAMTLanguageModel
+from memlm.lightning_modules.language_model import OptimizerConfig
 
 QUERY, MARK = 1, 2  # token ids of the tiny cross-chunk task
 FILL = list(range(3, 8))
@@ -56,9 +57,9 @@ class _ListData(L.LightningDataModule):
         return _Batches(self.batches)
 
 
-def _tiny(**kw):
-    args = dict(vocab_size=16, n_layer=1, n_embd=32, n_slots=2, learning_rate=1e-2, warmup_steps=10,
-                weight_decay=0.0, tau_min=8.0, tau_max=256.0)
+def _tiny(learning_rate: float = 1e-2, **kw):
+    args = dict(vocab_size=16, n_layer=1, n_embd=32, n_slots=2, tau_min=8.0, tau_max=256.0,
+                optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=10, weight_decay=0.0))
     args.update(kw)
     return HAMTLanguageModel(**args)
 
@@ -191,3 +192,21 @@ def test_ddp_ranks_carry_and_save_their_own_streams(tmp_path):
     a = dm.make(np.random.default_rng([dm.seed, 1, 0, 0]), 4, 24)[0]
     b = dm.make(np.random.default_rng([dm.seed, 1, 0, 1]), 4, 24)[0]
     assert not np.array_equal(a, b)
+
+
+def test_per_row_reset_mask_reinitialises_only_those_rows():
+    cb = TBPTT()
+    model = _tiny().eval()
+    x = torch.randint(0, 16, (3, 8))
+    with torch.no_grad():
+        state = model(x).state
+    batch = {"input_ids": x, "stream": True, "first": False}
+    model.carried_state = state
+    cb.on_train_batch_start(None, model, {**batch, "reset": torch.tensor([False, False, False])}, 0)
+    assert model.carried_state is state and cb.resets == 0
+    cb.on_train_batch_start(None, model, {**batch, "reset": torch.tensor([False, True, False])}, 0)
+    m_new, m_old = model.carried_state["layers"][0]["M"], state["layers"][0]["M"]
+    assert torch.equal(m_new[[0, 2]], m_old[[0, 2]]) and not m_new[1].any() and m_old[1].abs().sum() > 0
+    assert cb.resets == 0  # a row reset keeps the other streams: not a reset of the state
+    cb.on_train_batch_start(None, model, {**batch, "reset": torch.tensor([True, True, True])}, 0)
+    assert model.carried_state is None and cb.resets == 1

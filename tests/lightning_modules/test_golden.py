@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "transformer_tiny_loss.json"
 ARGS = [
     "--model.init_args.n_layer=2", "--model.init_args.n_head=2", "--model.init_args.n_embd=32",
-    "--model.init_args.block_size=32", "--model.init_args.warmup_steps=3", "--model.init_args.max_steps=10",
-    "--model.init_args.learning_rate=3e-3",
+    "--model.init_args.block_size=32", "--model.init_args.optimizer.warmup_steps=3", "--model.init_args.optimizer.max_steps=10",
+    "--model.init_args.optimizer.learning_rate=3e-3",
     "--data.init_args.source=builtin", "--data.init_args.tokenizer=char", "--data.init_args.block_size=32",
     "--data.init_args.batch_size=8", "--data.init_args.max_val_batches=2", "--data.init_args.seed=1234",
     "--trainer.max_steps=10", "--trainer.val_check_interval=10", "--trainer.log_every_n_steps=1",

@@ -12,9 +12,10 @@ import lightning as L
 import pytest
 import torch
 
+from memlm.core.sampling import SamplingParams
 from memlm.datamodules.conversation import ConversationDataModule
 from memlm.lightning_modules.hebbian.module import HebbianLanguageModel, HebbianTokenizer
-from memlm.models.hebbian.vocab import EOS_ID
+from memlm.models.hebbian.vocab import BOS_ID, EOS_ID
 from memlm.checkpoint import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,37 @@ def _trainer(tmp_path: Path, **kw) -> L.Trainer:
         enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw,
     )
 
+
+
+def _sampled_from_top_k(net, prompt: list[int], units, k: int) -> list[bool]:
+    """Replay ``<bos> + prompt + units`` (learning off): was each unit among the k best-scored
+    predicted units (score >= threshold) at its step?"""
+    snap = net.snapshot()
+    net.reset()
+    try:
+        net.feed([BOS_ID] + list(prompt), learn=False)
+        verdicts = []
+        for u in units:
+            scores = net.unit_scores()
+            predicted = torch.nonzero(scores >= net.threshold).flatten()
+            best = predicted[scores[predicted].argsort(descending=True)[:k]].tolist()
+            # generate() feeds a first <eos> silently; the replay assumes the prompt does not end there
+            assert verdicts or EOS_ID not in best, "the prompt looks complete: replay it with another prompt"
+            verdicts.append(u in best)
+            net.step(u, learn=False)
+        return verdicts
+    finally:
+        net.restore(snap)
+
+
+class _RecordBatches(L.Callback):
+    """Keeps every training batch a fit really learned from."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(list(batch))
 
 def test_fit_learns_online_and_checkpoint_round_trips(tmp_path):
     dm = ConversationDataModule(source=str(_jsonl(tmp_path)), batch_size=4, val_fraction=0.1)
@@ -70,14 +102,23 @@ def test_fit_learns_online_and_checkpoint_round_trips(tmp_path):
     # the chat protocol on unit ids
     tok = loaded.tokenizer
     ids = tok.encode("the cat sat on the")
-    out = list(loaded.generate(ids, max_new_tokens=10, temperature=0.0, eos_id=tok.eos_id))
+    out = list(loaded.generate(ids, SamplingParams(10, temperature=0.0, eos_id=tok.eos_id)))
     assert tok.decode(out).strip() == "mat" and out[-1] == EOS_ID
     assert len(tok.token_bytes()) == tok.vocab_size
     q = tok.encode("what does the cat eat?")  # a complete prompt: generate() answers it
-    assert tok.decode(list(loaded.generate(q, max_new_tokens=20, temperature=0.0))).strip() == "the cat eats fish."
-    sampled = list(loaded.generate(ids, max_new_tokens=10, temperature=0.8, top_k=2,
+    assert tok.decode(list(loaded.generate(q, SamplingParams(20, temperature=0.0)))).strip() == "the cat eats fish."
+    sampled = list(loaded.generate(ids, SamplingParams(10, temperature=0.8, top_k=2),
                                    generator=torch.Generator().manual_seed(0)))
     assert 1 <= len(sampled) <= 10
+    # a seed in the params gives the same units as a generator seeded with it
+    assert list(loaded.generate(ids, SamplingParams(10, temperature=0.8, top_k=2, seed=0))) == sampled
+    # top_k=2 at a high temperature: every unit is one of the 2 strongest predictions at its step,
+    # and the sampling really is random among them (different seeds, different continuations)
+    prompt = tok.encode("the")
+    runs = {tuple(loaded.generate(prompt, SamplingParams(8, temperature=5.0, top_k=2, seed=s))) for s in range(8)}
+    assert len(runs) > 1, runs
+    for run in runs:
+        assert all(top_two for top_two in _sampled_from_top_k(loaded.learner.net, prompt, run, 2)), run
     # generation does not learn
     assert torch.equal(loaded.learner.net.weights, model.learner.net.weights)
 
@@ -104,10 +145,23 @@ def test_resume_restores_the_learner_exactly(tmp_path):
     resumed(batch)
     assert torch.equal(model.learner.net.weights, resumed.learner.net.weights)
     # fit can resume from the checkpoint file
-    trainer2 = _trainer(tmp_path, max_steps=8)
+    seen = _RecordBatches()
+    trainer2 = _trainer(tmp_path, max_steps=8, callbacks=[seen])
     fresh = HebbianLanguageModel(vocab_size=dm.vocab_size, seed=3)
     trainer2.fit(fresh, datamodule=dm, ckpt_path=str(ckpt))
     assert fresh.learner.utterances > model.learner.utterances - len(batch)
+    # the resumed fit = the checkpoint's learner + exactly the 3 batches of steps 6..8, nothing relearned from zero
+    assert trainer2.global_step == 8 and len(seen.batches) == 3
+    replay = HebbianLanguageModel(vocab_size=dm.vocab_size, seed=3)
+    replay.on_load_checkpoint(torch.load(ckpt, weights_only=True))
+    for texts in seen.batches:
+        replay(texts)
+    assert fresh.learner.utterances == replay.learner.utterances > int(saved["counters"][2])
+    got, want = fresh.learner.net.state_tensors(), replay.learner.net.state_tensors()
+    for k in got:
+        if k != "abs_change":
+            assert torch.equal(got[k], want[k]), k
+    assert fresh.learner.vocab.to_json() == replay.learner.vocab.to_json()
 
 
 def test_vocab_size_from_the_datamodule_caps_the_vocabulary():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 from memlm.core.tokenizer import build_tokenizer
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel
+from memlm.lightning_modules.language_model import OptimizerConfig
 
 OUT = sys.argv[1]
 
@@ -38,13 +40,14 @@ torch.manual_seed(0)
 m = HMSTLanguageModel(vocab_size=259, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=32, n_experts=4, top_k=2,
                       exit_layer=1, ssm_d_state=4, ssm_expand=1, mem_top_k=2, mem_max_items=1000, mem_write_stride=2,
                       episodic_capacity=16, controller_hidden=16, critic_d_model=16, critic_layers=1, critic_heads=2,
-                      critic_max_len=32, warmup_steps=1,
+                      critic_max_len=32, optimizer=OptimizerConfig(warmup_steps=1),
                       gate_schedule={"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.5, "expert_bias": 0.5})
 m.set_tokenizer(build_tokenizer("byte", [], 259))
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=4,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     limit_val_batches=0, use_distributed_sampler=False)
 trainer.fit(m, datamodule=Streams())
+trainer.save_checkpoint(os.path.join(OUT, "last.ckpt"))  # every rank takes part (the TBPTT all-gather)
 sd = m.semantic.state_dict()
 ids = sd["ids"]
 probe = m.semantic.search(torch.randn(8, 32, generator=torch.Generator().manual_seed(7)), 3)
@@ -81,3 +84,9 @@ def test_two_process_ddp_keeps_semantic_memory_identical(tmp_path):
     assert r0["ids"] == r1["ids"] == list(range(r0["n"]))
     for key in ("index_sha", "values_sha", "texts_sha", "probe_ids", "weights_sha"):
         assert r0[key] == r1[key], key
+    # the carried SSM state is rank-local: the checkpoint keeps every rank's, indexed by global rank
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["tbptt"]
+    assert saved["has_state"] and saved["world_size"] == 2
+    ssm = saved["tensors"]["ssm.0.ssm"]
+    assert ssm.shape[:2] == (2, 2) and not torch.allclose(ssm[0], ssm[1])  # [rank, row, ...]
+    assert saved["tensors"]["pos"].tolist() == [64, 64]

@@ -1,6 +1,6 @@
 """Resume equality: 4 steps + resume to 8 == 8 uninterrupted steps (random-window sampler, CPU).
 
-The LR schedule horizon is fixed by ``--model.init_args.max_steps=8`` so it does not depend on
+The LR schedule horizon is fixed by ``--model.init_args.optimizer.max_steps=8`` so it does not depend on
 ``trainer.max_steps``; ``steps_per_epoch=3`` puts the resume point (after step 4) in the middle
 of epoch 1 and the continued run crosses the epoch-1 -> epoch-2 boundary after step 6.
 """
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "transformer_micro.yaml"
 ARGS = [
     "--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=32",
-    "--model.init_args.block_size=32", "--model.init_args.warmup_steps=2", "--model.init_args.max_steps=8",
+    "--model.init_args.block_size=32", "--model.init_args.optimizer.warmup_steps=2", "--model.init_args.optimizer.max_steps=8",
     "--data.init_args.tokenizer=char", "--data.init_args.block_size=32", "--data.init_args.batch_size=4",
     "--data.init_args.max_val_batches=1", "--data.init_args.steps_per_epoch=3",
     "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",

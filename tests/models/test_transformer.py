@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from memlm.core.tokenizer import build_tokenizer
-from memlm.lightning_modules.base import sample_next
-from memlm.lightning_modules.language_model import LanguageModel, ModelOutput
+from memlm.core.sampling import SamplingParams, sample_next
+from memlm.lightning_modules.language_model import LanguageModel, ModelOutput, OptimizerConfig
 from memlm.lightning_modules.transformer import TransformerLM
 from memlm.models.transformer import KVCache, apply_rope, rope_cache
 from memlm.core.errors import MemLMError
@@ -60,38 +60,49 @@ def test_cache_overflow_is_a_clear_error(lm):
 def test_generation_with_and_without_cache_is_identical(lm, kw):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     # 30 new tokens from an 8-token prompt runs past block_size 24: the cache must re-prefill
-    with_cache = list(lm.generate(prompt, 30, use_cache=True, generator=torch.Generator().manual_seed(7), **kw))
-    without = list(lm.generate(prompt, 30, use_cache=False, generator=torch.Generator().manual_seed(7), **kw))
+    cached, uncached = SamplingParams(30, use_cache=True, **kw), SamplingParams(30, use_cache=False, **kw)
+    with_cache = list(lm.generate(prompt, cached, generator=torch.Generator().manual_seed(7)))
+    without = list(lm.generate(prompt, uncached, generator=torch.Generator().manual_seed(7)))
     assert len(with_cache) == 30 and with_cache == without
     if kw["temperature"] > 0:  # sampling really samples: another seed gives another text
-        other = list(lm.generate(prompt, 30, use_cache=True, generator=torch.Generator().manual_seed(8), **kw))
+        other = list(lm.generate(prompt, cached, generator=torch.Generator().manual_seed(8)))
         assert other != with_cache
+        # params.seed is the same as passing a generator seeded with it
+        assert list(lm.generate(prompt, cached.replace(seed=7))) == with_cache
 
 
 def test_generation_stops_at_eos_and_restores_mode(lm):
-    greedy = list(lm.generate([1, 2, 3], 10, temperature=0))
+    greedy = list(lm.generate([1, 2, 3], SamplingParams(10, temperature=0)))
     stop = greedy[3]
-    out = list(lm.generate([1, 2, 3], 10, temperature=0, eos_id=stop))
+    out = list(lm.generate([1, 2, 3], SamplingParams(10, temperature=0, eos_id=stop)))
     assert out == greedy[: greedy.index(stop) + 1]
     lm.train()
-    list(lm.generate([1], 2, temperature=0))
+    list(lm.generate([1], SamplingParams(2, temperature=0)))
     assert lm.training
     lm.eval()
     # an empty prompt starts from the end-of-text token instead of failing
-    assert len(list(lm.generate([], 3, temperature=0, eos_id=0))) >= 1
+    assert len(list(lm.generate([], SamplingParams(3, temperature=0, eos_id=0)))) >= 1
+    assert list(lm.generate([1, 2, 3], SamplingParams(0))) == []
+
+
+def test_generate_rejects_the_old_positional_form(lm):
+    with pytest.raises(TypeError, match="SamplingParams"):
+        next(lm.generate([1, 2, 3], 10))
 
 
 def test_sample_next_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0]])
-    assert sample_next(logits, temperature=0).item() == 1
+    assert sample_next(logits, SamplingParams(temperature=0)).item() == 1
     g = torch.Generator().manual_seed(0)
-    assert {sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
-    assert {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)} == {1, 3}
+    assert {sample_next(logits, SamplingParams(top_k=1), g).item() for _ in range(20)} == {1}
+    assert {sample_next(logits, SamplingParams(top_k=2), g).item() for _ in range(200)} == {1, 3}
+    # top_k=0 and top_p=1 are "off": every token stays possible
+    assert {sample_next(logits, SamplingParams(top_k=0, top_p=1.0, temperature=5.0), g).item() for _ in range(400)} == {0, 1, 2, 3, 4}
     # top_p keeps the smallest prefix reaching the mass: tokens 1 and 3 hold ~0.83 here
-    assert {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(200)} <= {1, 3}
-    assert {sample_next(logits, 1.0, top_p=0.01, generator=g).item() for _ in range(50)} == {1}
-    a = [sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3)).item() for _ in range(5)]
-    b = [sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3)).item() for _ in range(5)]
+    assert {sample_next(logits, SamplingParams(top_p=0.5), g).item() for _ in range(200)} <= {1, 3}
+    assert {sample_next(logits, SamplingParams(top_p=0.01), g).item() for _ in range(50)} == {1}
+    a = [sample_next(logits, SamplingParams(), torch.Generator().manual_seed(3)).item() for _ in range(5)]
+    b = [sample_next(logits, SamplingParams(), torch.Generator().manual_seed(3)).item() for _ in range(5)]
     assert a == b
 
 
@@ -121,8 +132,8 @@ def test_embed_is_unit_vector(lm):
 
 
 def test_optimizer_groups_and_schedule():
-    m = TransformerLM(vocab_size=V, block_size=16, n_layer=1, n_head=2, n_embd=16, learning_rate=1e-3,
-                      warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    m = TransformerLM(vocab_size=V, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=4, max_steps=20, min_lr_ratio=0.1))
     conf = m.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     decay, no_decay = opt.param_groups

@@ -8,6 +8,8 @@ import torch
 from memlm.models.hebbian import network as netmod
 from memlm.models.hebbian.network import NO_CONTEXT, ColumnNetwork
 
+from hebbian_reference import ReferenceNetwork
+
 
 def make(n_units=20, **kw):
     kw.setdefault("cells_per_column", 4)
@@ -128,6 +130,38 @@ def test_kernel_matches_its_python_reference():
     np.testing.assert_allclose(nets[0]._weights, nets[1]._weights, rtol=1e-5, atol=1e-6)
     assert nets[0].abs_change == pytest.approx(nets[1].abs_change, rel=1e-4)
 
+
+
+@pytest.mark.parametrize("kw", [
+    dict(k_winners=2, trace_len=3),
+    dict(k_winners=1, trace_len=1),
+    dict(k_winners=3, trace_len=3, depression=0.3, stdp_ltd=0.2, decay=0.05, synapses_per_cell=4),
+], ids=["trace3", "first-order", "strong-depression"])
+def test_fast_path_matches_an_independent_reference_of_the_rule(kw):
+    """The network's fast path (numba when installed) against ``hebbian_reference``, a slow
+    re-statement of the documented rule with no shared code: same predictions, synapse
+    targets, usage, winners and active cells at every utterance; weights to float32 precision."""
+    net = make(n_units=15, **kw)
+    ref = ReferenceNetwork(15, net.C, net.S, net.lr, net.hebbian_strength, net.depression, net.stdp_ltd, net.decay,
+                           net.w_max, net.threshold, net.k_winners, net.trace_len, net.trace_decay, net.row_budget,
+                           net.seed)
+    rng = np.random.default_rng(1)
+    n = net.n_neurons
+    for utt in range(40):
+        # a recurring phrase (learned contexts, predictions, depression) among random utterances (bursts)
+        seq = [2, 5, 6, 7, 8, 5, 6] if utt % 3 == 0 else [2] + rng.integers(3, 15, size=int(rng.integers(3, 9))).tolist()
+        learn = utt % 5 != 4  # some utterances with learning off
+        net.reset()
+        ref.reset()
+        assert net.feed(seq, learn).tolist() == ref.feed(seq, learn).tolist(), utt
+        assert np.array_equal(net._targets[:n], ref.targets), utt
+        np.testing.assert_allclose(net._weights[:n], ref.weights, rtol=1e-6, atol=1e-7, err_msg=str(utt))
+        assert np.array_equal(net._usage[:n], ref.usage), utt
+        assert net.winner_neurons() == ref.trace[0] and net.active_neurons() == ref.active, utt
+        np.testing.assert_allclose(net.unit_scores().numpy(), ref.scores(), rtol=1e-6, atol=1e-7)
+    assert net.learning_steps == ref.learning_steps > 150
+    assert net.abs_change == pytest.approx(ref.abs_change, rel=1e-6)
+    assert net.n_connected() > 0  # the run did learn transitions, so the comparison covered real updates
 
 def test_state_tensors_round_trip_exactly():
     net = make()

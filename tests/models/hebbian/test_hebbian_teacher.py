@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from memlm.models.hebbian.learner import ContinualLearner, LearnerConfig
-from memlm.models.hebbian.teacher import TeacherClient, TeacherUnavailable, chat_completions_url
+from memlm.models.hebbian.teacher import TeacherClient, TeacherUnavailable
+from memlm.core.openai_client import normalise_base_url
 from memlm.core.errors import MemLMError
 
 ANSWERS = {"what does the cat eat?": "the cat eats fish.", "hello": "hello! how are you?"}
@@ -66,11 +67,22 @@ def _closed_port() -> int:
 
 
 def test_url_normalisation():
-    assert chat_completions_url("http://localhost:1234/v1/chat/completions") == "http://localhost:1234/v1/chat/completions"
-    assert chat_completions_url("http://localhost:11434/v1") == "http://localhost:11434/v1/chat/completions"
-    assert chat_completions_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000/v1/chat/completions"
+    # the teacher shares the one client's normaliser: every form reaches the same /v1 base
+    assert normalise_base_url("http://localhost:1234/v1/chat/completions") == "http://localhost:1234/v1"
+    assert normalise_base_url("http://localhost:11434/v1") == "http://localhost:11434/v1"
+    assert normalise_base_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000/v1"
+    assert TeacherClient("http://localhost:1234/v1/chat/completions/").url == "http://localhost:1234/v1"
+    assert normalise_base_url("localhost:1234") == "http://localhost:1234/v1"  # scheme-less host:port is http
     with pytest.raises(MemLMError):
-        chat_completions_url("localhost:1234")
+        TeacherClient("ftp://localhost:1234/v1")
+
+
+@pytest.mark.parametrize("form", ["", "/v1", "/v1/", "/v1/chat/completions"])
+def test_every_url_form_posts_to_chat_completions(teacher_server, form):
+    server, handler = teacher_server
+    client = TeacherClient(f"http://127.0.0.1:{server.server_address[1]}{form}", model="tiny-teacher", timeout=5)
+    assert client.ask("hello") == "hello! how are you?"
+    assert handler.requests[-1][0] == "/v1/chat/completions"
 
 
 def test_client_talks_to_a_real_server(teacher_server):

@@ -35,6 +35,14 @@ def test_padding_is_invisible_and_segments_matter():
     out = critic(q, r, f)
     assert ((out.p_correct > 0) & (out.p_correct < 1)).all() and ((out.confidence >= 0) & (out.confidence <= 1)).all()
     assert torch.allclose(out.p_correct, torch.sigmoid(out.logits))
+    assert torch.allclose(out.confidence, torch.sigmoid(out.confidence_logits))
+    # the verdict reads the facts: other facts, other scores, for every example
+    _, _, other_facts, _ = batch(8, 1)
+    assert ((critic(q, r, other_facts).logits - base).abs() > 1e-4).all()
+    # and each example is scored on its own: the rest of the batch changes nothing
+    for i in (0, 5):
+        alone = critic(q[i : i + 1], r[i : i + 1], f[i : i + 1]).logits
+        assert torch.allclose(alone, base[i : i + 1], atol=1e-5)
 
 
 def test_long_inputs_are_truncated_to_max_len():

@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from memlm.core.sampling import SamplingParams
 from memlm.models.hmst.controller import GATES
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel
+from memlm.lightning_modules.language_model import OptimizerConfig
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +27,8 @@ def small(**kw):
     args = dict(
         vocab_size=64, block_size=16, n_layer=4, n_head=2, d_model=32, d_ff=32, n_experts=4, top_k=2, exit_layer=2,
         ssm_d_state=4, ssm_expand=1, mem_top_k=2, mem_max_items=1000, mem_write_stride=2, episodic_capacity=16,
-        controller_hidden=16, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32, warmup_steps=1,
+        controller_hidden=16, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32,
+        optimizer=OptimizerConfig(warmup_steps=1),
         eval_gate_schedule=ALL_ON,
     )
     args.update(kw)
@@ -81,7 +84,7 @@ def test_early_exit_really_skips_upper_layers_and_saves_flops():
     # cached generation with the exit gate held on never touches the upper blocks either
     calls.clear()
     m.eval_schedule = {**ALL_ON, "exit": 1.0}
-    toks = list(m.generate(x[0, :5].tolist(), max_new_tokens=4, temperature=0))
+    toks = list(m.generate(x[0, :5].tolist(), SamplingParams(4, temperature=0)))
     assert len(toks) == 4 and len(calls) == 0
     m.eval_schedule = ALL_ON
     for h in hooks:
@@ -158,8 +161,8 @@ def test_training_step_losses_memory_writes_and_gate_metrics():
 def test_generate_with_cache_equals_without_cache():
     m = small().eval()
     prompt = torch.randint(0, 64, (10,)).tolist()
-    a = list(m.generate(prompt, max_new_tokens=5, temperature=0, use_cache=True))
-    b = list(m.generate(prompt, max_new_tokens=5, temperature=0, use_cache=False))
+    a = list(m.generate(prompt, SamplingParams(5, temperature=0, use_cache=True)))
+    b = list(m.generate(prompt, SamplingParams(5, temperature=0, use_cache=False)))
     assert a == b and len(a) == 5
 
 
@@ -227,7 +230,7 @@ def test_fit_checkpoint_roundtrip_keeps_memories(tmp_path):
     s2, i2 = m2.episodic.retrieve(q[0], 2)
     assert torch.equal(i1, i2)
     # the reloaded model generates with its memories
-    toks = list(m2.generate(m2.tokenizer.encode("def "), max_new_tokens=4, temperature=0))
+    toks = list(m2.generate(m2.tokenizer.encode("def "), SamplingParams(4, temperature=0)))
     assert len(toks) == 4
     m.eval()
     x = torch.randint(0, dm.vocab_size, (1, 16))

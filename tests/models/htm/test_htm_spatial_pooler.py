@@ -22,8 +22,17 @@ def test_global_inhibition_hits_target_density():
 
 
 def test_stimulus_threshold_blocks_weak_columns():
-    sp = SpatialPooler(128, 200, density=0.05, stimulus_threshold=1000, seed=1)
-    assert len(sp.compute(random_inputs(1)[0], learn=False)) == 0
+    x = random_inputs(1)[0]
+    ov = SpatialPooler(128, 200, density=0.05, seed=1).overlaps(x)  # same seed: the same synapses
+    assert len(SpatialPooler(128, 200, density=0.05, seed=1).compute(x, learn=False)) == 10  # no threshold: 5% win
+    # just above the best overlap: not even the best column may win
+    sp = SpatialPooler(128, 200, density=0.05, stimulus_threshold=float(ov.max()) + 1, seed=1)
+    assert len(sp.compute(x, learn=False)) == 0
+    # a threshold that fewer than 10 columns reach: exactly those win (overlap >= threshold),
+    # the quota of 10 is not filled with weaker columns
+    threshold = min(v for v in np.unique(ov) if 1 < (ov >= v).sum() < 10)
+    sp = SpatialPooler(128, 200, density=0.05, stimulus_threshold=float(threshold), seed=1)
+    np.testing.assert_array_equal(sp.compute(x, learn=False), np.flatnonzero(ov >= threshold))
 
 
 def test_potential_pool_and_initial_connections():
