@@ -117,12 +117,38 @@ def _offline_env() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def hf_dataset(name: str, config: str | None, text_field: str = "text", max_chars: int | None = None) -> tuple[Splits, str]:
-    """A Hugging Face dataset (e.g. ``wikitext`` / ``wikitext-103-raw-v1``), from cache when offline.
+LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+
+
+def _local_hf(path: Path, config: str | None):
+    """A dataset on disk: a ``save_to_disk`` folder, one data file, or a folder of split files."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        kind = LOCAL_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise MemLMError(f"unsupported dataset file {path}: use one of {', '.join(sorted(LOCAL_FORMATS))}")
+        ds = datasets.load_dataset(kind, data_files=str(path))
+    else:  # e.g. train.parquet / validation.parquet / test.parquet (the WikiText layout on the hub)
+        ds = datasets.load_dataset(str(path), config)
+    return datasets.DatasetDict({"train": ds}) if isinstance(ds, datasets.Dataset) else ds
+
+
+def hf_dataset(name: str, config: str | None, text_field: str = "text", max_chars: int | None = None,
+               val_fraction: float = 0.05, test_fraction: float = 0.05) -> tuple[Splits, str]:
+    """A Hugging Face dataset (e.g. ``wikitext`` / ``wikitext-103-raw-v1``), from cache when offline,
+    or a local one (``name`` is a path, see :func:`_local_hf`).
 
     Offline is detected up front (env flags, or no route to the hub within 3 s) so a
-    missing dataset fails in seconds with a hint instead of hanging in retries.
+    missing dataset fails in seconds with a hint instead of hanging in retries. Rows are
+    documents; a dataset without a validation split gets val/test cut from the end of train.
     """
+    local = Path(name).expanduser()
+    if local.exists():
+        return _hf_splits(_local_hf(local, config), name, text_field, max_chars, val_fraction, test_fraction,
+                          _file_ident(sorted(p for p in [local, *local.rglob("*")] if p.is_file())))
     offline = _offline_env() or not _hub_reachable()
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -141,21 +167,35 @@ def hf_dataset(name: str, config: str | None, text_field: str = "text", max_char
             f"dataset {name!r}{'/' + config if config else ''} {where}; use --data.source=files "
             "--data.data_dir=DIR (WikiText layout) or --data.source=builtin"
         ) from exc
-    split_names = {"train": "train", "val": "validation", "test": "test"}
+    return _hf_splits(ds, name, text_field, max_chars, val_fraction, test_fraction, f"hf:{name}:{config}")
+
+
+SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val"), "test": ("test",)}
+
+
+def _hf_splits(ds, name: str, text_field: str, max_chars: int | None, val_fraction: float, test_fraction: float,
+               ident: str) -> tuple[Splits, str]:
     splits: Splits = {}
-    for ours, theirs in split_names.items():
-        if theirs not in ds:
+    for ours, theirs in SPLIT_NAMES.items():
+        split = next((ds[t] for t in theirs if t in ds), None)
+        if split is None:
             splits[ours] = []
             continue
-        col = ds[theirs][text_field]
+        if text_field not in split.column_names:
+            raise MemLMError(f"dataset {name!r} has no field {text_field!r} (it has {', '.join(split.column_names)}); "
+                             "set --data.text_field")
         docs, total = [], 0
-        for line in col:
-            docs.append(line)
-            total += len(line)
+        for row in split[text_field]:
+            line = row or ""
+            # WikiText rows are lines that end in "\n"; other datasets' rows are whole documents.
+            docs.append(line if line.endswith("\n") else line + "\n")
+            total += len(docs[-1])
             if max_chars and total >= max_chars:
                 break
         splits[ours] = ["".join(docs)]
     if not splits["train"] or not splits["train"][0].strip():
         raise MemLMError(f"dataset {name!r} has no text in field {text_field!r}")
-    ident = f"hf:{name}:{config}:{text_field}:{max_chars}"
-    return splits, ident
+    if not splits["val"]:
+        held_out = _cut(splits["train"][0], val_fraction, 0.0 if splits["test"] else test_fraction)
+        splits = {"train": held_out["train"], "val": held_out["val"], "test": splits["test"] or held_out["test"]}
+    return splits, f"{ident}:{text_field}:{max_chars}:{val_fraction}:{test_fraction}"

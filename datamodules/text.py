@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -17,8 +18,10 @@ import lightning as L
 import numpy as np
 
 from memlm.datamodules import sources
+from memlm.datamodules.encode import PIECE_CHARS, encode_documents, pieces
 from memlm.datamodules.loaders import RandomWindowLoader, SequentialWindowLoader, StreamLoader
 from memlm.core.tokenizer import EOS, TextTokenizer, build_tokenizer
+from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
 
 SPLITS = ("train", "val", "test")
@@ -26,6 +29,30 @@ SPLITS = ("train", "val", "test")
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMLM_CACHE", Path.home() / ".cache" / "memlm"))
+
+
+def _local_rank() -> int:
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):  # Lightning/torchrun children, srun tasks
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _wait_for_local_rank_zero(path: Path) -> None:
+    """On a node's other ranks, wait until local rank 0 has written ``path``.
+
+    Under srun or torchrun every rank instantiates the datamodule at once; without this each
+    would train the same tokenizer on the whole corpus.
+    """
+    if _local_rank() == 0:
+        return
+    timeout = float(os.environ.get("MEMLM_PREP_TIMEOUT", "3600"))
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise MemLMError(f"waited {timeout:.0f} s for local rank 0 to write {path}; see rank 0's log "
+                             "(a slow first preparation can raise MEMLM_PREP_TIMEOUT)")
+        time.sleep(0.2)
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -39,7 +66,9 @@ class TextDataModule(L.LightningDataModule):
 
     Args:
         source: ``builtin`` (CPython's pydoc_data text, offline), ``files`` (``data_dir`` in
-            WikiText layout or ``files``), or ``hf`` (``dataset_name``/``dataset_config``).
+            WikiText layout or ``files``), or ``hf`` (``dataset_name``/``dataset_config``, where
+            ``dataset_name`` may also be a local parquet/arrow/json/csv file, a folder of split
+            files, or a ``datasets`` ``save_to_disk`` folder).
         tokenizer: ``char``, ``byte``, ``bpe`` or a path to a tokenizer JSON.
         vocab_size: target vocabulary for ``bpe``.
         block_size: tokens per training window / TBPTT chunk.
@@ -76,6 +105,8 @@ class TextDataModule(L.LightningDataModule):
             raise MemLMError("source=hf needs data.dataset_name (e.g. wikitext) and data.dataset_config")
         if sampler not in ("random", "stream"):
             raise MemLMError(f"unknown data.sampler {sampler!r}: use random or stream")
+        require_positive("data", vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch)
         self.source, self.data_dir, self.files = source, data_dir, files
         self.dataset_name, self.dataset_config, self.text_field = dataset_name, dataset_config, text_field
         self.max_chars = max_chars
@@ -98,7 +129,8 @@ class TextDataModule(L.LightningDataModule):
         elif self.source == "files":
             self._splits, self._ident = sources.local_files(self.data_dir, self.files, self.val_fraction, self.test_fraction)
         else:
-            self._splits, self._ident = sources.hf_dataset(self.dataset_name, self.dataset_config, self.text_field, self.max_chars)
+            self._splits, self._ident = sources.hf_dataset(self.dataset_name, self.dataset_config, self.text_field, self.max_chars,
+                                                           self.val_fraction, self.test_fraction)
 
     def _source_ident(self) -> str:
         """Identity of the source without reading it (cheap, used for cache keys)."""
@@ -132,13 +164,17 @@ class TextDataModule(L.LightningDataModule):
         if self.tokenizer_spec == "byte":
             return build_tokenizer("byte")
         path = self.cache_dir / self._cache_key() / "tokenizer.json"
+        _wait_for_local_rank_zero(path)
         if path.is_file():
             try:
                 return TextTokenizer.load(path)
             except MemLMError:
                 path.unlink()  # corrupt cache entry: rebuild it
         self._load_text()
-        tok = build_tokenizer(self.tokenizer_spec, self._splits["train"], self.target_vocab)
+        # pieces cut where pre-tokens end: the same word counts (hence the same tokenizer) as the
+        # whole documents, but the trainer can count them on all cores
+        train_pieces = (p for doc in self._splits["train"] for p in pieces(doc, 1 << 16))
+        tok = build_tokenizer(self.tokenizer_spec, train_pieces, self.target_vocab)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tok.save(tmp)
@@ -162,16 +198,12 @@ class TextDataModule(L.LightningDataModule):
                 path.unlink()
         self._load_text()
         docs = self._splits.get(split) or []
-        eos = tok.eos_id
-        chunks = []
-        for doc in docs:
-            for part in _chunks(doc):
-                chunks.append(np.asarray(tok.encode(part), dtype=np.int64))
-            chunks.append(np.asarray([eos], dtype=np.int64))
-        ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-        dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+        # built-in kinds cut documents into pieces for the parallel encoder (same ids);
+        # a foreign tokenizer.json may normalise across a cut, so it encodes whole documents
+        piece_chars = PIECE_CHARS if tok.kind in ("char", "byte", "bpe") else None
+        ids = encode_documents(tok, docs, tok.eos_id, piece_chars=piece_chars)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npy(path, ids.astype(dtype))
+        _atomic_save_npy(path, ids)
         self._ids[split] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._ids[split]
 
@@ -222,18 +254,6 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self._eval_loader("test")
-
-
-def _chunks(text: str, size: int = 1 << 20):
-    """Split long text at newlines into ~1 MB pieces (bounded tokenizer memory)."""
-    start = 0
-    while start < len(text):
-        end = min(len(text), start + size)
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        yield text[start:end]
-        start = end
 
 
 __all__ = ["TextDataModule", "EOS"]

@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from memlm.callbacks.checkpointing import FinalLastCheckpoint
+from memlm.callbacks.slurm_requeue import SlurmRequeue, resume_checkpoint
+from memlm.apps.run_info import run_metadata
 from memlm.callbacks.throughput import TokenThroughput
 from memlm.core.errors import MemLMError
 
@@ -63,6 +65,28 @@ def _one_line_parse_error(message: str) -> str:
     rest = [ln for ln in lines[1:] if not ln.startswith(("Given value", "Subtypes:", "Errors:"))]
     text = f"{head}: {'; '.join(rest[:2])}" if rest else head
     return f"{text[:400]}; see python train.py fit --help"
+
+
+def _check_trainer_limits(trainer) -> None:
+    """``trainer.max_steps`` / ``max_epochs``: -1 means no limit (and max_epochs None, Lightning's default);
+    0 would silently train nothing and below -1 Lightning fails with a traceback, so both are user errors."""
+    for key in ("max_steps", "max_epochs"):
+        value = trainer.get(key)
+        if value is not None and (value == 0 or value < -1):
+            raise MemLMError(f"trainer.{key} must be >= 1, or -1 for no limit, got {value}")
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """The MemLMError (or Lightning MisconfigurationException) that jsonargparse wrapped while instantiating."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (MemLMError, MisconfigurationException)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _appending_writer(log_dir: str):
@@ -153,6 +177,7 @@ class MemLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub_config()
+        _check_trainer_limits(cfg.trainer)  # before a run directory is made
         if cfg.run.num_threads:
             import torch
 
@@ -160,6 +185,7 @@ class MemLMCLI(LightningCLI):
         if os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK", "0") != "0":
             self.run_dir = Path(os.environ[RUN_DIR_ENV])  # DDP child: reuse rank 0's directory
             cfg.trainer.default_root_dir = str(self.run_dir)
+            self._resolve_resume(cfg)
             return
         if cfg.trainer.default_root_dir:
             self.run_dir = Path(cfg.trainer.default_root_dir)
@@ -178,6 +204,26 @@ class MemLMCLI(LightningCLI):
             cfg.trainer.default_root_dir = str(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[RUN_DIR_ENV] = str(self.run_dir)
+        self._resolve_resume(cfg)
+
+    def _resolve_resume(self, cfg) -> None:
+        """A requeued SLURM job resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt."""
+        if self.subcommand == "fit":
+            cfg.ckpt_path = resume_checkpoint(self.run_dir, cfg.get("ckpt_path"))
+
+    def _wandb_run_id(self) -> str:
+        """One W&B run per run directory: a resumed or requeued job continues the same run."""
+        import secrets
+
+        path = self.run_dir / "wandb_run_id"
+        if path.is_file():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(4)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(run_id + "\n")
+            os.replace(tmp, path)
+        return run_id
 
     def _default_loggers(self, kinds: list[str]):
         from lightning.pytorch import loggers
@@ -214,12 +260,18 @@ class MemLMCLI(LightningCLI):
             config = cfg.clone().as_dict()
         except Exception:
             config = {}
+        # code version, tokenizer, parameter counts, hardware: what dashboards filter and group by
+        config["memlm"] = run_metadata(self.model, self.datamodule, cfg.trainer, self.run_dir.parent.name, self.subcommand)
         return WandbLogger(
             project=cfg.run.wandb_project,
             name=f"{self.run_dir.parent.name}/{self.run_dir.name}",
             save_dir=str(self.run_dir),
             offline=offline,
             config=config,
+            id=self._wandb_run_id(),
+            resume="allow",
+            group=config["memlm"]["architecture"],
+            tags=config["memlm"]["tags"],
         )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -260,11 +312,21 @@ class MemLMCLI(LightningCLI):
             cbs.append(FinalLastCheckpoint(self.run_dir / "checkpoints" / "last.ckpt"))
         if not any(isinstance(c, TokenThroughput) for c in cbs):
             cbs.append(TokenThroughput())
+        if not any(isinstance(c, SlurmRequeue) for c in cbs):
+            cbs.append(SlurmRequeue())
         config["callbacks"] = cbs
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            # jsonargparse reports a class that raised in __init__ as a multi-line ValueError about
+            # Union subtypes; the module's own one-line MemLMError is the message the user needs
+            cause = _user_error_in(exc)
+            if cause is None:
+                raise
+            raise MemLMError(str(cause).strip().splitlines()[0]) from exc
         model, data = self.model, self.datamodule
         limit = getattr(model, "max_seq_len", None)
         block = getattr(data, "block_size", None)
