@@ -58,7 +58,20 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     if unexpected or [m for m in missing if not m.endswith(("rope_cos", "rope_sin"))]:
         raise MemLMError(f"checkpoint weights do not fit {cls.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     module.eval()
+    module.checkpoint_info = {"path": str(path), "global_step": int(ckpt.get("global_step") or 0),
+                              "class_path": upgrade_class_path(ckpt["memlm"]["class_path"])}
     return module.to(map_location)
+
+
+def served_name(path: str | Path, global_step: int) -> str:
+    """``<run name>@step<N>`` for a checkpoint in the run layout (runs/<name>/<version>/checkpoints/),
+    else ``<file stem>@step<N>``: a model id that says which run and how far it trained."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and len(path.parents) >= 3:
+        name = path.parents[2].name
+    else:
+        name = path.stem
+    return f"{name}@step{int(global_step)}"
 
 
 def _main() -> int:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import lightning as L
 
+from memlm.apps import quiet
 from memlm.apps.cli import MemLMCLI
 from memlm.core.errors import run_main
 
 
 def main() -> int:
+    quiet.install()
     MemLMCLI(L.LightningModule, L.LightningDataModule)
     return 0
 

@@ -1,0 +1,257 @@
+"""HMST learned control on held-out synthetic facts: all gates on, the fixed schedule, the trained
+controller, and the controller plus the critic.
+
+    python bench/hmst_control.py [--quick] [--threads N] [--plot docs/img/hmst_control_pareto.png]
+
+Pipeline (everything in this process, offline, char tokenizer over the fact text):
+
+1. stage 1: a small HMST trains on fact QA lines ("<fact> <distractor fact> Q: <question> A: <value>")
+   of the ``train`` names, with the stage-1 gate schedule;
+2. stage 3: :class:`memlm.callbacks.rl_stage.RLStage` (PPO) trains the controller from that
+   checkpoint in a real Trainer (quality = log-likelihood gain, compute = the meter's), once per
+   ``lambda_compute`` of the sweep; the main row uses ``--lambda-compute``;
+3. stage 4: :class:`memlm.callbacks.critic_stage.CriticStage` trains the critic on
+   (query, response, facts) triples (critic_data.py); AUROC / ECE on triples of held-out names;
+4. evaluation: the held-out facts are ingested into semantic memory, and each question (with
+   its fact and a distractor in the prompt) is answered by :class:`HMSTInferenceEngine`.
+
+Per configuration: exact match, confident-error rate (wrong and not abstained, with critic
+score >= threshold or no critic), abstain rate, metered compute and latency per answer.
+The machine may be shared: absolute latencies are indicative; compute is counted, not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from memlm.apps.hmst_engine import EngineConfig, HMSTInferenceEngine  # noqa: E402
+from memlm.callbacks.critic_stage import CriticStage  # noqa: E402
+from memlm.callbacks.rl_stage import RLStage  # noqa: E402
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import run_main  # noqa: E402
+from memlm.core.tokenizer import build_tokenizer  # noqa: E402
+from memlm.datamodules.critic_data import encode_examples, make_critic_examples  # noqa: E402
+from memlm.datamodules.facts import make_facts  # noqa: E402
+from memlm.lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
+
+BLOCK = 128
+
+
+def qa_line(f, d) -> str:
+    return f"{f.text} {d.text} Q: {f.question} A: {f.value}\n"
+
+
+def prompt_of(f, d) -> str:
+    return f"{f.text} {d.text} Q: {f.question} A:"
+
+
+def build(tok, seed: int) -> HMSTLanguageModel:
+    torch.manual_seed(seed)
+    m = HMSTLanguageModel(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=4, n_head=4, d_model=96, d_ff=128,
+                          n_experts=4, top_k=2, exit_layer=2, ssm_d_state=8, ssm_expand=1, mem_top_k=2,
+                          mem_query_stride=8, mem_write=False, mem_write_stride=16, mem_text_tokens=48,
+                          episodic_capacity=64, controller_hidden=32, critic_d_model=64, critic_layers=2,
+                          critic_heads=4, critic_max_len=192,
+                          optimizer={"learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1})
+    m.set_tokenizer(tok)
+    return m
+
+
+def lm_batches(facts, tok, n_rows: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_rows):
+        i, j = torch.randint(len(facts), (2,), generator=g).tolist()
+        j = j if j != i else (i + 1) % len(facts)
+        ids = tok.encode(qa_line(facts[i], facts[j]))[: BLOCK + 1]
+        ids = ids + [tok.pad_id] * (BLOCK + 1 - len(ids))
+        t = torch.tensor(ids)
+        y = t[1:].clone()
+        y[y == tok.pad_id] = -100
+        rows.append({"input_ids": t[:-1], "targets": y})
+    return rows
+
+
+def trainer(steps: int, callbacks) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                     num_sanity_val_steps=0, limit_val_batches=0)
+
+
+def save(m, path: Path) -> str:
+    ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def stage3(ckpt: str, tok, train_facts, lam: float, steps: int, seed: int) -> tuple[HMSTLanguageModel, float]:
+    m = build(tok, seed)
+    grads = []
+
+    class GradLog(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if pl_module.rl_phase.last_stats:
+                grads.append(pl_module.rl_phase.last_stats["grad_norm"])
+
+    cb = RLStage(init_checkpoint=ckpt, algorithm="ppo", epochs=4, lambda_compute=lam, ent_coef=0.01)
+    m.optimizer_config = type(m.optimizer_config)(learning_rate=3e-3, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0)
+    data = DataLoader(lm_batches(train_facts, tok, 16 * steps, seed + 11), batch_size=16)
+    trainer(steps * 4, [cb, GradLog()]).fit(m, train_dataloaders=data)
+    return m, statistics.fmean(grads) if grads else 0.0
+
+
+def critic_metrics(m, tok, facts_n: int, seed: int) -> dict:
+    from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
+
+    ex = make_critic_examples(facts_n, seed, "eval")
+    b = encode_examples(ex, tok, tok.pad_id)
+    with torch.no_grad():
+        p = m.model.critic(b["query_ids"], b["response_ids"], b["fact_ids"], pad_id=tok.pad_id).p_correct
+    y = b["labels"].long()
+    return {"auroc": float(BinaryAUROC()(p, y)), "ece": float(BinaryCalibrationError(n_bins=15)(p, y)),
+            "acc": float(((p > 0.5).long() == y).float().mean())}
+
+
+def stage4(ckpt: str, tok, steps: int, n_facts: int, seed: int) -> HMSTLanguageModel:
+    m = build(tok, seed)
+    m.optimizer_config = type(m.optimizer_config)(learning_rate=1e-3, weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1)
+    ex = make_critic_examples(n_facts, seed, "train")
+    data = DataLoader(ex, batch_size=32, shuffle=True, collate_fn=lambda xs: encode_examples(xs, tok, tok.pad_id),
+                      generator=torch.Generator().manual_seed(seed))
+    trainer(steps, [CriticStage(init_checkpoint=ckpt)]).fit(m, train_dataloaders=data)
+    return m
+
+
+def evaluate(m, eval_facts, cfg: EngineConfig) -> dict:
+    eng = HMSTInferenceEngine(m, cfg)
+    em = conf_err = abstain = 0
+    compute, latency = [], []
+    for i, f in enumerate(eval_facts):
+        d = eval_facts[(i + 1) % len(eval_facts)]
+        res = eng.answer(prompt_of(f, d), query=f.question)
+        right = res.text.strip().rstrip(".") == f.value
+        em += int(right and not res.abstained)
+        abstain += int(res.abstained)
+        score = res.critic_score
+        conf_err += int(not right and not res.abstained and (score is None or score >= cfg.threshold))
+        compute.append(res.compute_total)
+        latency.append(res.latency_s)
+    n = len(eval_facts)
+    return {"em": em / n, "confident_error": conf_err / n, "abstain": abstain / n,
+            "compute_per_answer": statistics.fmean(compute), "latency_ms": 1000 * statistics.fmean(latency)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambda-compute", type=float, default=0.3)
+    p.add_argument("--sweep", default="0,0.1,0.3,1.0", help="lambda_compute values for the Pareto curve")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--plot", default=None, help="write the quality/compute sweep as a PNG here")
+    p.add_argument("--stage1-steps", type=int, default=None, help="override the stage-1 training steps")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    s1, s3, s4, n_eval = (150, 10, 150, 40) if args.quick else (1500, 40, 800, 200)
+    s1 = args.stage1_steps or s1
+    train_facts = make_facts(400 if args.quick else 2000, args.seed, "train")
+    eval_facts = make_facts(n_eval, args.seed, "eval")
+    corpus = [qa_line(f, f) for f in train_facts + eval_facts]
+    tok = build_tokenizer("char", corpus)
+    tmp = Path(tempfile.mkdtemp(prefix="hmst_control_"))
+
+    # stage 1
+    base = build(tok, args.seed)
+    trainer(s1, []).fit(base, train_dataloaders=DataLoader(lm_batches(train_facts, tok, 16 * s1, args.seed), batch_size=16))
+    ckpt1 = save(base, tmp / "stage1.ckpt")
+
+    # stage 3 (the main lambda, then the sweep)
+    lams = sorted({float(x) for x in args.sweep.split(",") if x.strip()} | {args.lambda_compute})
+    models, grad_norm = {}, 0.0
+    for lam in lams:
+        m, g = stage3(ckpt1, tok, train_facts, lam, s3, args.seed)
+        models[lam] = m
+        if lam == args.lambda_compute:
+            grad_norm = g
+    ctl = models[args.lambda_compute]
+    ckpt3 = save(ctl, tmp / "stage3.ckpt")
+
+    # stage 4
+    before = critic_metrics(ctl, tok, 100, args.seed)
+    crit = stage4(ckpt3, tok, s4, 600 if args.quick else 3000, args.seed)
+    after = critic_metrics(crit, tok, 100 if args.quick else 300, args.seed)
+
+    # evaluation: held-out facts in semantic memory, questions through the engine
+    for m in [*models.values(), crit, base]:
+        m.eval()
+        for f in eval_facts:
+            m.ingest(f.text)
+    never = dict(verify="never", max_new_tokens=12, threshold=args.threshold)
+    rows = {
+        "all_on": evaluate(base, eval_facts, EngineConfig(gate_mode="all_on", **never)),
+        "schedule": evaluate(base, eval_facts, EngineConfig(gate_mode="schedule", **never)),
+        "controller": evaluate(ctl, eval_facts, EngineConfig(gate_mode="controller", **never)),
+        "controller_critic": evaluate(crit, eval_facts, EngineConfig(gate_mode="controller", verify="always",
+                                                                     max_retries=1, max_new_tokens=12,
+                                                                     threshold=args.threshold)),
+    }
+    table = [{"config": k, **{c: round(v, 4) for c, v in r.items()}} for k, r in rows.items()]
+    print_table(table, ["config", "em", "confident_error", "abstain", "compute_per_answer", "latency_ms"])
+    sweep = []
+    for lam, m in models.items():
+        r = evaluate(m, eval_facts, EngineConfig(gate_mode="controller", **never))
+        sweep.append({"lambda_compute": lam, "em": r["em"],
+                      "compute_ratio": r["compute_per_answer"] / rows["all_on"]["compute_per_answer"]})
+    print_table(sweep)
+    print_table([{"critic": "before stage 4", **before}, {"critic": "after stage 4", **after}])
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([s["compute_ratio"] for s in sweep], [s["em"] for s in sweep], "o-")
+        for s in sweep:
+            ax.annotate(f"λ={s['lambda_compute']:g}", (s["compute_ratio"], s["em"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.axhline(rows["all_on"]["em"], ls="--", c="gray", label="all gates on")
+        ax.set_xlabel("metered compute / all gates on")
+        ax.set_ylabel("exact match (held-out facts)")
+        ax.set_title("HMST stage-3 λ_compute sweep" + (" (--quick)" if args.quick else ""))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+    figures = {
+        "em_all_on": rows["all_on"]["em"], "em_schedule": rows["schedule"]["em"],
+        "em_controller": rows["controller"]["em"], "em_controller_critic": rows["controller_critic"]["em"],
+        "confident_error_all_on": rows["all_on"]["confident_error"],
+        "confident_error_controller_critic": rows["controller_critic"]["confident_error"],
+        "abstain_controller_critic": rows["controller_critic"]["abstain"],
+        "compute_ratio_controller": rows["controller"]["compute_per_answer"] / rows["all_on"]["compute_per_answer"],
+        "compute_ratio_schedule": rows["schedule"]["compute_per_answer"] / rows["all_on"]["compute_per_answer"],
+        "latency_ms_all_on": rows["all_on"]["latency_ms"], "latency_ms_controller": rows["controller"]["latency_ms"],
+        "critic_auroc": after["auroc"], "critic_ece": after["ece"], "critic_auroc_before": before["auroc"],
+        "controller_grad_norm": grad_norm,
+        "sweep": sweep,
+    }
+    print_result(figures, vars(args))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

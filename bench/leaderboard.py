@@ -1,0 +1,277 @@
+"""Every architecture trained from scratch on the same text, in the same wall-clock budget.
+
+    python bench/leaderboard.py [--quick] [--budget-min 10] [--threads 2] [--only transformer,hamt]
+        [--baseline-steps 2000] [--data ../shared/data/tinyshakespeare/input.txt]
+
+- Data: tinyshakespeare, first 90% train, last 10% val, char tokenizer (each
+  ``configs/<arch>_micro_shakespeare.yaml`` holds its tuned settings and says how it was tuned).
+- Each architecture trains in its own ``train.py`` process on the same threads for
+  ``--budget-min`` minutes (:class:`memlm.callbacks.budget.WallClockBudget`: the LR decay follows
+  the budget spent; snapshots at 1/4, 2/4, 3/4 and 4/4 of it).
+- The last snapshot is scored afterwards on the **full** val split (sequential windows; stateful
+  models carry their state along contiguous streams), outside the budget: val loss (nats per
+  char) and bits per byte, from the model's normalised next-token distribution. The earlier
+  snapshots (the plot's curve) are scored on the first ``--curve-val-batches`` val batches.
+- Generation: ms per new token after a 1,024-token prompt (cached decoding; a model with a
+  shorter context crops the prompt to it), greedy, 32 tokens.
+- Reference rows: nanoGPT's published CPU recipe (val loss 1.8857 after 2,000 iterations at
+  4 layers, 4 heads, width 128, block 64, batch 12) and MemLM's transformer at the same dims
+  and steps (``--baseline-steps``; skipped by ``--quick`` unless given).
+- Writes ``--out`` (Markdown table) and ``--plot`` (val bpb against wall time); the last line is
+  ``RESULT <json>`` with each architecture's val_bpb, val_loss, tokens_per_sec, params and the
+  Lightning tax ``plain_over_lightning`` (``--tax-steps`` steps of bench/throughput.py; 0 skips).
+
+The Hebbian learner is not in the table: it learns from conversations with its own word
+tokenizer (``ConversationDataModule``), not from character text, so it has no score on these bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memlm.core.bench import print_result, print_table  # noqa: E402
+from memlm.core.errors import MemLMError, run_main  # noqa: E402
+
+ARCHITECTURES = {  # name -> config; every one on the same data settings
+    "transformer": "configs/transformer_micro_shakespeare.yaml",
+    "hmst": "configs/hmst_micro_shakespeare.yaml",
+    "hamt": "configs/hamt_micro_shakespeare.yaml",
+    "htm": "configs/htm_micro_shakespeare.yaml",
+}
+NANOGPT_REFERENCE = {"name": "nanoGPT CPU recipe (published)", "steps": 2000, "val_loss": 1.8857}
+SNAPSHOTS = 4
+
+
+def data_args(path: str) -> list[str]:
+    return [f"--data.init_args.files=[{path}]", "--data.init_args.source=files", "--data.init_args.val_fraction=0.1",
+            "--data.init_args.test_fraction=0.0", "--data.init_args.tokenizer=char"]
+
+
+def train(name: str, config: str, root: Path, data: str, threads: int, extra: list[str], log: Path) -> Path:
+    """One train.py process; returns its run directory."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / config), "--run.root", str(root),
+           f"--run.name={name}", "--run.version=version_0", "--run.logger=[csv]", f"--run.num_threads={threads}",
+           "--trainer.enable_model_summary=false", *data_args(data), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MEMLM_QUIET": "1"}
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise MemLMError(f"{name} training failed (exit {rc}); see {log}: {' | '.join(tail)}")
+    return root / name / "version_0"
+
+
+def budget_args(minutes: float, snap_dir: Path) -> list[str]:
+    return ["--trainer.max_steps=-1", "--trainer.max_epochs=-1", "--trainer.val_check_interval=null",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks+=memlm.callbacks.budget.WallClockBudget", f"--trainer.callbacks.minutes={minutes}",
+            f"--trainer.callbacks.snapshots={SNAPSHOTS}", f"--trainer.callbacks.snapshot_dir={snap_dir}"]
+
+
+def steps_and_tokens(run_dir: Path) -> tuple[int, float | None]:
+    """Last logged step and the mean logged train/tokens_per_sec."""
+    steps, tps = 0, []
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("step"):
+                steps = max(steps, int(row["step"]) + 1)
+            if row.get("train/tokens_per_sec"):
+                tps.append(float(row["train/tokens_per_sec"]))
+    return steps, (sum(tps) / len(tps) if tps else None)
+
+
+def evaluate(ckpt: Path, config: str, data: str, threads: int, max_val_batches: int | None = None) -> dict:
+    """val loss / bpb of a checkpoint on the full val split (or its first ``max_val_batches``), plus its global step."""
+    import lightning as L
+    import torch
+
+    import yaml
+
+    from memlm.checkpoint import load_module
+    from memlm.datamodules.text import TextDataModule
+
+    torch.set_num_threads(threads)
+    module = load_module(ckpt)
+    init = dict(yaml.safe_load((ROOT / config).read_text())["data"]["init_args"])
+    init.update(source="files", files=[data], val_fraction=0.1, test_fraction=0.0, tokenizer="char", max_val_batches=max_val_batches)
+    dm = TextDataModule(**init)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    out = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", 0))
+    return {"val_loss": float(out["val/loss"]), "val_bpb": float(out["val/bpb"]), "step": step, "module": module,
+            "datamodule": dm}
+
+
+def generation_ms_per_token(module, val_ids, context: int = 1024, new_tokens: int = 32) -> float:
+    from memlm.core.sampling import SamplingParams
+
+    prompt = [int(t) for t in val_ids[:context]]
+    params = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0, use_cache=True)
+    it = module.generate(prompt, params)
+    next(it)  # the first token pays for the prompt
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return (time.perf_counter() - t0) * 1e3 / max(1, n)
+
+
+def param_counts(module) -> tuple[int, int]:
+    from memlm.apps.run_info import parameter_counts
+
+    counts = parameter_counts(module)
+    return counts["total"], counts["active"]
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget_min: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot([x / 60 for x in xs], ys, marker="o", label=name)
+    ax.set_xlabel("training wall time (min, 2-core CPU)")
+    ax.set_ylabel("val bits per byte (full val split)")
+    ax.set_title(f"tinyshakespeare, char tokens, {budget_min:g} min per architecture")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict], settings: str) -> str:
+    cols = ["architecture", "params (total / active)", "steps", "tokens seen", "tokens/s", "val loss (nats)",
+            "val bpb", "gen ms/token @1k"]
+    lines = [settings, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        def f(key, fmt):
+            v = r.get(key)
+            return "n/a" if v is None else format(v, fmt)
+        params = "n/a" if r.get("params") is None else f"{r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M"
+        lines.append(f"| {r['architecture']} | {params} | {f('steps', ',')} | {f('tokens_seen', ',')} | "
+                     f"{f('tokens_per_sec', ',.0f')} | {f('val_loss', '.4f')} | {f('val_bpb', '.4f')} | {f('gen_ms_per_token', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_architecture(name, config, args, work: Path) -> tuple[dict, list[tuple[float, float]]]:
+    snap_dir = work / name / "snapshots"
+    run_dir = train(name, config, work, args.data, args.threads, budget_args(args.budget_min, snap_dir), work / f"{name}.log")
+    elapsed = json.loads((snap_dir / "budget_elapsed.json").read_text())
+    steps, tps = steps_and_tokens(run_dir)
+    curve, final = [], None
+    for k in range(1, SNAPSHOTS + 1):
+        ckpt = snap_dir / f"budget-{k}of{SNAPSHOTS}.ckpt"
+        if not ckpt.is_file():
+            continue
+        last = k == SNAPSHOTS
+        res = evaluate(ckpt, config, args.data, args.threads, None if last else args.curve_val_batches)
+        curve.append((elapsed[ckpt.name], res["val_bpb"]))
+        final = res
+    if final is None:
+        raise MemLMError(f"{name} wrote no budget snapshot in {snap_dir}; see {work / (name + '.log')}")
+    dm = final["datamodule"]
+    total, active = param_counts(final["module"])
+    row = {"architecture": name, "params": total, "active_params": active, "steps": final["step"],
+           "tokens_seen": final["step"] * dm.batch_size * dm.block_size, "tokens_per_sec": tps,
+           "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+           "gen_ms_per_token": generation_ms_per_token(final["module"], dm.split_ids("val"))}
+    return row, curve
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 minute per architecture, no baseline run, no tax run")
+    p.add_argument("--budget-min", type=float, default=10.0, help="training minutes per architecture")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(ARCHITECTURES))
+    p.add_argument("--baseline-steps", type=int, default=None, help="MemLM transformer at the nanoGPT recipe for N steps "
+                   "(default 2000; 0 with --quick)")
+    p.add_argument("--tax-steps", type=int, default=None, help="steps per round of the Lightning-tax measurement "
+                   "(default 30; 0 with --quick)")
+    p.add_argument("--curve-val-batches", type=int, default=16, help="val batches scoring the earlier snapshots "
+                   "(the plot's curve; the last snapshot is scored on the full split)")
+    p.add_argument("--data", default=str((ROOT / "../shared/data/tinyshakespeare/input.txt").resolve()))
+    p.add_argument("--work", default=None, help="run folder (default: runs/leaderboard)")
+    p.add_argument("--out", default=None, help="Markdown table (default: <work>/leaderboard.md)")
+    p.add_argument("--plot", default=None, help="PNG plot (default: <work>/leaderboard.png)")
+    args = p.parse_args()
+    if args.quick:
+        args.budget_min = 1.0 if args.budget_min == 10.0 else args.budget_min
+    baseline_steps = args.baseline_steps if args.baseline_steps is not None else (0 if args.quick else 2000)
+    tax_steps = args.tax_steps if args.tax_steps is not None else (0 if args.quick else 30)
+    if not Path(args.data).is_file():
+        raise MemLMError(f"data file not found: {args.data}; pass --data PATH to tinyshakespeare's input.txt")
+    names = list(ARCHITECTURES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARCHITECTURES]
+    if unknown:
+        raise MemLMError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+    work = Path(args.work or ROOT / "runs" / "leaderboard")
+    work.mkdir(parents=True, exist_ok=True)
+
+    rows, curves, figures = [], {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        row, curve = run_architecture(name, ARCHITECTURES[name], args, work)
+        print(f"{name}: val loss {row['val_loss']:.4f}, bpb {row['val_bpb']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s incl. evaluation)", flush=True)
+        rows.append(row)
+        curves[name] = curve
+        figures[name] = {k: row[k] for k in ("val_bpb", "val_loss", "tokens_per_sec", "steps")} | {
+            "params": row["params"], "active_params": row["active_params"], "gen_ms_per_token": row["gen_ms_per_token"]}
+
+    rows.append({"architecture": f"{NANOGPT_REFERENCE['name']}, {NANOGPT_REFERENCE['steps']:,} steps",
+                 "steps": NANOGPT_REFERENCE["steps"], "tokens_seen": NANOGPT_REFERENCE["steps"] * 12 * 64,
+                 "val_loss": NANOGPT_REFERENCE["val_loss"]})
+    if baseline_steps:
+        name = "transformer_nanogpt_recipe"
+        run_dir = train(name, ARCHITECTURES["transformer"], work, args.data, args.threads,
+                        [f"--trainer.max_steps={baseline_steps}", f"--model.init_args.optimizer.max_steps={baseline_steps}",
+                         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"], work / f"{name}.log")
+        res = evaluate(run_dir / "checkpoints" / "last.ckpt", ARCHITECTURES["transformer"], args.data, args.threads)
+        _, tps = steps_and_tokens(run_dir)
+        total, active = param_counts(res["module"])
+        rows.append({"architecture": f"MemLM transformer, nanoGPT recipe, {baseline_steps:,} steps", "params": total,
+                     "active_params": active, "steps": res["step"], "tokens_seen": res["step"] * 12 * 64,
+                     "tokens_per_sec": tps, "val_loss": res["val_loss"], "val_bpb": res["val_bpb"]})
+        figures["transformer_nanogpt_recipe"] = {"val_loss": res["val_loss"], "val_bpb": res["val_bpb"],
+                                                 "steps": res["step"], "tokens_per_sec": tps, "params": total}
+    if tax_steps:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--config", ARCHITECTURES["transformer"],
+                              "--steps", str(tax_steps), "--rounds", "3", "--threads", str(args.threads)],
+                             cwd=ROOT, capture_output=True, text=True)
+        result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if result:
+            tax = json.loads(result[-1][len("RESULT "):])["figures"]
+            figures["plain_over_lightning"] = tax["plain_over_lightning"]
+            figures["plain_over_lightning_cpu"] = tax["plain_over_lightning_cpu"]
+
+    settings = (f"tinyshakespeare (first 90% train, last 10% val), char tokens, {args.budget_min:g} min of training per "
+                f"architecture on {args.threads} threads; val scored on the full split. Command: "
+                f"`python bench/leaderboard.py{' --quick' if args.quick else ''} --budget-min {args.budget_min:g}`")
+    out_md = Path(args.out or work / "leaderboard.md")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(markdown(rows, settings))
+    plot(curves, Path(args.plot or work / "leaderboard.png"), args.budget_min)
+    print()
+    print_table([{k: v for k, v in r.items() if k != "active_params"} for r in rows])
+    print(f"\ntable: {out_md}\nplot: {args.plot or work / 'leaderboard.png'}")
+    print_result(figures, {"budget_min": args.budget_min, "threads": args.threads, "quick": args.quick,
+                           "architectures": names, "baseline_steps": baseline_steps, "data": args.data})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

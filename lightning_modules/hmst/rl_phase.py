@@ -1,0 +1,176 @@
+"""Stage 3 of HMST: the meta-controller learns its gates by reinforcement, the rest is frozen.
+
+:class:`RLPhase` is what :class:`memlm.callbacks.rl_stage.RLStage` installs on an
+``HMSTLanguageModel``. Each training step it
+
+1. runs the frozen model on the batch with gates *sampled from the current policy*
+   (no gradient), timing the forward;
+2. scores every row: quality = the log-likelihood gain of the path taken over the early-exit
+   head (nats per token; 0 for a row that exits), compute = the metered cost of that row's
+   gates as a fraction of all gates on (see :class:`RowCost`), latency = the forward's
+   seconds per row, calibration = 0 here (the critic's term lives in the fact tasks);
+3. adds the decisions to a rollout; every ``rollout_steps`` steps the policy is updated on
+   it (PPO epochs or one REINFORCE pass) and the rollout is discarded, so every update
+   uses log-probabilities of the policy that acted.
+
+Logged: ``rl/gate_<g>`` rates, ``rl/reward_<part>``, ``rl/entropy``, ``rl/kl_old``,
+``rl/approx_kl``, ``rl/grad_norm``, ``rl/quality``, ``rl/compute`` (the trade-off over training).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memlm.core.errors import MemLMError
+from memlm.core.meter import ComputeMeter
+from memlm.models.hmst.controller import GATES
+from memlm.models.hmst.policy_gradient import RewardConfig, RLConfig, start_rollout, update_policy
+
+IGNORE_INDEX = -100
+ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 1.0, "expert_bias": 0.0}
+
+
+def _forward_cost(module, x, state, schedule) -> float:
+    """Metered compute of one forward with a fixed (0/1) schedule: the model's own meter when
+    it returns one, else torch FLOPs counted by FlopCounterMode."""
+    meter = ComputeMeter()
+    with torch.no_grad():
+        with meter.measure("forward"):
+            out = module(x, state=state, gate_mode="schedule", schedule=schedule, return_exit_logits=False)
+    return output_compute(out, meter)
+
+
+def output_compute(out, measured: ComputeMeter | None = None) -> float:
+    """The forward's own metered total (``HMSTOutput.compute``), else what ``measured`` counted."""
+    own = getattr(out, "compute", None)
+    if isinstance(own, ComputeMeter):
+        return float(own.total())
+    return measured.total() if measured is not None else 0.0
+
+
+def critic_call_cost(critic, length: int) -> float:
+    """FLOPs of one critic call on ``length`` tokens (FlopCounterMode, measured once)."""
+    meter = ComputeMeter()
+    dev = next(critic.parameters()).device
+    q = torch.ones(1, max(1, length // 3), dtype=torch.long, device=dev)
+    with torch.no_grad(), meter.measure("critic"):
+        critic(q, q, q, pad_id=-1)
+    return meter.total()
+
+
+@dataclass
+class RowCost:
+    """Per-row compute of a decision, from metered forwards with every gate forced on or off.
+
+    Every gated part is per row, so a batch's cost is the sum of its rows' costs:
+    ``row = exit_path + (1 - exit) * (upper - (1 - semantic) * semantic_cost - (1 - episodic) * episodic_cost)
+    + verify * critic``, each term measured on the same batch; ``all_on`` is the cost of a
+    row with every gate on (no exit, both reads, verification).
+    """
+
+    exit_path: float
+    upper: float
+    semantic: float
+    episodic: float
+    critic: float
+
+    @classmethod
+    def measure(cls, module, x, state=None) -> "RowCost":
+        b = x.size(0)
+        base = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
+        full = _forward_cost(module, x, state, base)
+        exit_only = _forward_cost(module, x, state, {**base, "exit": 1.0})
+        no_sem = _forward_cost(module, x, state, {**base, "semantic": 0.0})
+        no_ep = _forward_cost(module, x, state, {**base, "episodic": 0.0})
+        critic = critic_call_cost(module.model.critic, module.config.critic_max_len)
+        return cls(exit_path=exit_only / b, upper=(full - exit_only) / b, semantic=max(0.0, full - no_sem) / b,
+                   episodic=max(0.0, full - no_ep) / b, critic=critic)
+
+    @property
+    def all_on(self) -> float:
+        return self.exit_path + self.upper + self.critic
+
+    def rows(self, exit, episodic, semantic, verify) -> torch.Tensor:
+        """[B] FLOP-equivalents of each row's gates."""
+        cont = 1.0 - exit.float()
+        upper = self.upper - (1 - semantic.float()) * self.semantic - (1 - episodic.float()) * self.episodic
+        return self.exit_path + cont * upper + verify.float() * self.critic
+
+
+class RLPhase:
+    """Installed on the module by the RL callback; see the module docstring."""
+
+    def __init__(self, rl: RLConfig, reward: RewardConfig, rollout_steps: int = 1, max_grad_norm: float = 1.0,
+                 write_memory: bool = False) -> None:
+        if rollout_steps < 1:
+            raise MemLMError(f"rl rollout_steps must be >= 1, got {rollout_steps}")
+        self.rl, self.reward = rl, reward
+        self.rollout_steps, self.max_grad_norm, self.write_memory = int(rollout_steps), max_grad_norm, write_memory
+        self.rollout = None
+        self.row_cost: RowCost | None = None
+        self.last_stats: dict = {}
+
+    # -- module set-up ------------------------------------------------------------------------------
+    def freeze(self, module) -> None:
+        """Only the controller trains; everything else keeps its stage-1/2 weights."""
+        for name, p in module.named_parameters():
+            p.requires_grad_(name.startswith("model.controller."))
+        module.automatic_optimization = False
+        module.gate_mode = "sample"
+
+    # -- one step ---------------------------------------------------------------------------------
+    def row_rewards(self, module, x, y, out, seconds: float) -> dict:
+        d = out.decision
+        valid = (y != IGNORE_INDEX).float()
+        n = valid.sum(1).clamp_min(1)
+
+        def row_nll(logits):
+            ce = F.cross_entropy(logits.float().transpose(1, 2), y.clamp_min(0), reduction="none")
+            return (ce * valid).sum(1) / n
+
+        quality = row_nll(out.exit_logits) - row_nll(out.logits)  # 0 for rows that exited
+        compute = self.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify) / self.row_cost.all_on
+        latency = torch.full_like(quality, seconds / max(1, x.size(0)))
+        return self.reward.parts(quality, compute, latency, None)
+
+    def training_step(self, module, batch: dict, batch_idx: int):
+        x, y = batch["input_ids"], batch["targets"]
+        if self.row_cost is None:
+            self.row_cost = RowCost.measure(module, x, module.carried_state)
+        controller = module.model.controller
+        if self.rollout is None:
+            self.rollout = start_rollout(controller)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = module(x, state=module.carried_state, gate_mode="sample", return_exit_logits=True)
+            seconds = time.perf_counter() - t0
+        module.carried_state = module.detach_state(out.state)
+        parts = self.row_rewards(module, x, y, out, seconds)
+        self.rollout.add(out.decision, out.pooled, out.features, parts["total"])
+        if self.write_memory:
+            module._write_memories(x, out)
+        log = {f"rl/reward_{k}": v.mean() for k, v in parts.items()}
+        for g in GATES:
+            log[f"rl/gate_{g}"] = getattr(out.decision, g).float().mean()
+        log["rl/gate_expert_bias"] = (out.decision.expert_choice < module.config.n_experts).float().mean()
+        log["rl/quality"] = parts["quality"].mean()
+        log["rl/compute"] = -parts["compute"].mean() / max(self.reward.lambda_compute, 1e-12)
+        if len(self.rollout) >= self.rollout_steps:
+            opt = module.optimizers()
+            stats = update_policy(controller, opt, self.rollout, self.rl, self.max_grad_norm,
+                                  backward=module.manual_backward)
+            self.rollout = None
+            sched = module.lr_schedulers()
+            if sched is not None:
+                for _ in range(self.rl.epochs if self.rl.algorithm == "ppo" else 1):
+                    sched.step()
+            self.last_stats = stats
+            for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "kl_old", "grad_norm", "clip_frac"):
+                if k in stats:
+                    log[f"rl/{k}"] = torch.tensor(stats[k])
+        module.log_dict(log, on_step=True, on_epoch=False, prog_bar=False)
+        module.log("rl/reward", log["rl/reward_total"], on_step=True, on_epoch=False, prog_bar=True)
+        return None

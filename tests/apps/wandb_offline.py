@@ -1,0 +1,46 @@
+"""Test helper: read an offline W&B run file (``run-<id>.wandb``) without uploading it.
+
+The file is W&B's LevelDB-style record log (7-byte file header, 32 KiB blocks, 7-byte chunk
+headers: crc32, length, type) of ``wandb_internal_pb2.Record`` protobufs.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK, HEADER = 32 * 1024, 7
+
+
+def wandb_records(path: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if length == 0 and kind == 0:
+            break
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start, MIDDLE/LAST extend
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            yield rec
+
+
+def history_steps(path: Path, key: str = "trainer/global_step") -> list[int]:
+    """The ``key`` value of every history row (Lightning logs the global step with each row)."""
+    steps = []
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            if key in row:
+                steps.append(int(row[key]))
+    return steps

@@ -1,0 +1,61 @@
+"""Stage-4 critic triples: labels, the three corruptions, held-out entities, determinism, encoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memlm.core.errors import MemLMError
+from memlm.core.tokenizer import build_tokenizer
+from memlm.datamodules.critic_data import encode_examples, make_critic_examples
+from memlm.datamodules.facts import make_facts
+
+
+def test_triples_have_one_positive_and_one_corruption_per_fact():
+    facts = make_facts(60, seed=3)
+    ex = make_critic_examples(60, seed=3)
+    assert len(ex) == 120 and sum(x.label for x in ex) == 60
+    by_kind = {}
+    for x in ex:
+        by_kind.setdefault(x.kind, []).append(x)
+    assert set(by_kind) == {"correct", "swapped_entity", "wrong_number", "unsupported"}
+    by_question = {f.question: f for f in facts}
+    for x in by_kind["correct"]:
+        f = by_question[x.query]
+        assert x.label == 1 and x.response == f.value and f.text in x.facts
+    for x in by_kind["swapped_entity"]:
+        f = by_question[x.query]
+        # the wrong value is in the facts (bound to another subject), the true fact too
+        assert x.label == 0 and x.response != f.value and x.response in x.facts and f.text in x.facts
+    for x in by_kind["wrong_number"]:
+        f = by_question[x.query]
+        assert x.label == 0 and f.relation == "age" and x.response.isdigit() and x.response != f.value
+        assert 1 <= abs(int(x.response) - int(f.value)) <= 9
+    for x in by_kind["unsupported"]:
+        f = by_question[x.query]
+        assert x.label == 0 and x.response == f.value and f.subject not in x.facts
+
+
+def test_held_out_triples_use_held_out_entities_and_are_deterministic():
+    train = make_critic_examples(80, seed=1, split="train")
+    held = make_critic_examples(80, seed=1, split="eval")
+    train_subjects = {f.subject for f in make_facts(80, 1, "train")}
+    held_subjects = {f.subject for f in make_facts(80, 1, "eval")}
+    assert not train_subjects & held_subjects
+    assert not any(s in x.facts for x in held for s in train_subjects)
+    assert make_critic_examples(80, seed=1, split="eval") == held
+    assert make_critic_examples(80, seed=2, split="eval") != held
+    with pytest.raises(MemLMError, match="at least 3 facts"):
+        make_critic_examples(2, seed=0)
+
+
+def test_encoding_pads_each_part_with_the_pad_id():
+    tok = build_tokenizer("byte")
+    ex = make_critic_examples(4, seed=0)
+    batch = encode_examples(ex, tok, pad_id=-1)
+    assert batch["labels"].tolist() == [float(x.label) for x in ex]
+    for i, x in enumerate(ex):
+        row = batch["response_ids"][i]
+        n = len(tok.encode(" " + x.response))
+        assert tok.decode(row[:n].tolist()) == " " + x.response and (row[n:] == -1).all()
+        assert tok.decode([t for t in batch["fact_ids"][i].tolist() if t >= 0]) == x.facts
+    assert batch["query_ids"].dtype == torch.long
