@@ -267,10 +267,11 @@ class MambaBlock(nn.Module):
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2Di, T]
         xi, z = xz.chunk(2, dim=1)
         if state is None:
-            state = self.init_state(Bsz, x.device, xi.dtype)
+            state = self.init_state(Bsz, x.device)
         conv_state, ssm_state = state
         xc = torch.cat([conv_state.to(xi.dtype), xi], dim=-1)  # causal: K-1 carried inputs on the left
-        new_conv_state = xc[..., -(self.d_conv - 1):] if self.d_conv > 1 else conv_state
+        # the carried state stays fp32 under autocast (as HAMT's), whatever precision the step ran in
+        new_conv_state = xc[..., -(self.d_conv - 1):].float() if self.d_conv > 1 else conv_state
         xi = F.silu(F.conv1d(xc, self.conv_weight.to(xi.dtype), self.conv_bias.to(xi.dtype), groups=self.d_inner))
         dbc = self.x_proj(xi.transpose(1, 2))  # [B, T, R + 2N]
         dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)

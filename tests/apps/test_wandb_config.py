@@ -1,47 +1,21 @@
-"""The W&B run a fit creates (offline here) carries what dashboards group and filter by.
-
-The offline run file ``run-<id>.wandb`` is read back directly: W&B's LevelDB-style record log
-(7-byte file header, 32 KiB blocks, 7-byte chunk headers) of ``wandb_internal_pb2.Record``s.
-"""
+"""The W&B run a fit creates (offline here) carries what dashboards group and filter by,
+read back from the offline run file (see wandb_offline.py)."""
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
+from wandb_offline import wandb_records
 
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[2]
-BLOCK, HEADER = 32 * 1024, 7
-
-
-def wandb_records(path: Path):
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B run file"
-    pos, pending = HEADER, b""
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        if length == 0 and kind == 0:
-            break
-        chunk = data[pos + HEADER:pos + HEADER + length]
-        pos += HEADER + length
-        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST start, MIDDLE/LAST extend
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(pending)
-            yield rec
 
 
 def test_offline_run_holds_config_code_version_tokenizer_params_and_hardware(tmp_path, memlm_cache, monkeypatch):
@@ -59,7 +33,15 @@ def test_offline_run_holds_config_code_version_tokenizer_params_and_hardware(tmp
         wandb.finish()
     run_id = (cli.run_dir / "wandb_run_id").read_text().strip()
     [path] = list((cli.run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    run = next(r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
+    deadline = time.monotonic() + 60  # W&B's service process may still be writing after finish()
+    while True:
+        records = list(wandb_records(path))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "run" in kinds, kinds
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
 
     assert run.run_id == run_id and run.run_group == "TransformerLM"

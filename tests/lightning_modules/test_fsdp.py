@@ -54,7 +54,7 @@ def test_preset_strategy_builds_fsdp_with_block_wrap_policy():
     assert policy._module_classes == {HMSTBlock}, "every HMSTBlock must be its own FSDP unit"
 
 
-@pytest.mark.slow  # three Python processes importing Lightning on 2 cores, ~1 min
+@pytest.mark.slow  # three Python processes importing Lightning on 2 cores: 126 s on the loaded machine
 def test_two_process_cpu_fsdp_fit_and_checkpoint_loads(tmp_path, memlm_cache):
     strategy = preset_strategy()
     strategy["class_path"] = "fsdp_cpu.CPUFSDPStrategy"

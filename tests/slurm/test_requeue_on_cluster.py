@@ -67,6 +67,16 @@ def _wait_for(pred, what: str, cluster, timeout: float = 180.0) -> None:
         time.sleep(0.3)
 
 
+def _wandb_offline():
+    """tests/apps/wandb_offline.py (the offline run-file reader), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wandb_offline", ROOT / "tests" / "apps" / "wandb_offline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _output(workdir: Path, job: str) -> str:
     p = workdir / f"slurm-{job}.out"
     return p.read_text(errors="replace")[-4000:] if p.is_file() else "(no job output)"
@@ -125,6 +135,11 @@ def test_requeued_job_resumes_from_the_newest_checkpoint_and_matches_an_uninterr
     run_id = (run / "wandb_run_id").read_text().strip()
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline), [p.name for p in offline]
-    assert all((p / f"run-{run_id}.wandb").is_file() for p in offline)
+    wb = _wandb_offline()
+    files = [p / f"run-{run_id}.wandb" for p in offline]
+    assert {r.run.run_id for f in files for r in wb.wandb_records(f) if r.WhichOneof("record_type") == "run"} == {run_id}
+    # the first attempt logged steps 0-6, the requeued one continues at 7 (not from 0)
+    assert sorted(set(wb.history_steps(files[0]))) == list(range(HOLD_AT))
+    assert sorted(set(wb.history_steps(files[1]))) == list(range(HOLD_AT, MAX_STEPS))
     print(f"\nslurm requeue: signal after {t_signal - t0:.0f} s, requeued job done {t_done - t_signal:.0f} s later, "
           f"reference run {time.monotonic() - t_done:.0f} s")
