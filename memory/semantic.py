@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.core.errors import MemLMError
+from memlm.core.meter import faiss_query_cost
 
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 
@@ -230,6 +231,15 @@ class SemanticMemory:
 
     def __len__(self) -> int:
         return self._n_alive
+
+    def query_cost(self, k: int = 1) -> float:
+        """FLOP-equivalents of one top-``k`` search of this store as it is now (for the compute meter)."""
+        trained = self.index_type != "ivfpq" or self._index.is_trained
+        cost = faiss_query_cost(self.index_type, self._n_alive, self.dim, nlist=self.nlist, nprobe=self.nprobe, m=self.m,
+                                nbits=self.nbits, hnsw_m=self.hnsw_m, ef_search=self.hnsw_ef_search, trained=trained)
+        if self._keys is not None and trained:  # exact re-ranking of k * rerank candidates per query
+            cost += 2.0 * k * self.rerank * self.dim
+        return cost
 
     def _prep_keys(self, x: torch.Tensor, what: str) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:

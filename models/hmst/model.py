@@ -23,7 +23,7 @@ LightningModule owns them); the model returns the keys/values to write
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from memlm.models.hmst.controller import GATES, GateDecision, MetaController
 from memlm.models.hmst.critic import Critic
 from memlm.models.hmst.moe import MoEFeedForward
 from memlm.models.hmst.ssm import MambaBlock
+from memlm.core.meter import FAISS_QUERIES, ComputeMeter
 from memlm.core.outputs import ModelOutput
 from memlm.models.transformer import CausalSelfAttention, GPTConfig, KVCache, rope_cache
 from memlm.core.errors import MemLMError
@@ -69,6 +70,9 @@ class HMSTConfig:
     critic_layers: int = 2
     critic_heads: int = 4
     critic_max_len: int = 128
+    # per-row early exit out of training: a row exits when the exit head's entropy (nats) on its
+    # last token is below this threshold, overriding the exit gate (None = the gate decides)
+    exit_entropy_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.exit_layer is None:
@@ -95,6 +99,9 @@ class HMSTState:
     # [B] bool, None = all True: False for a row whose memory was reset (its prev_pooled is not a
     # previous segment of its stream), so that row reads no episodes, like a fresh stream
     prev_valid: torch.Tensor | None = None
+    # [B] best semantic-retrieval similarity of the row's latest search (a controller feature
+    # known before this segment's search; rows that did not search keep their last value)
+    prev_sim: torch.Tensor | None = None
 
     def detach(self) -> "HMSTState":
         return HMSTState(
@@ -104,6 +111,7 @@ class HMSTState:
             kv=self.kv,
             decision=self.decision,
             prev_valid=self.prev_valid,
+            prev_sim=None if self.prev_sim is None else self.prev_sim.detach(),
         )
 
     @property
@@ -125,6 +133,7 @@ class HMSTOutput(ModelOutput):
     retrieved_ids: torch.Tensor | None = None  # [B, T/stride, k] semantic ids read
     exit_rows: torch.Tensor | None = None  # [B] bool: rows whose upper layers were skipped
     layers_run: float = 0.0  # blocks executed per row, averaged over the batch
+    compute: ComputeMeter = field(default_factory=ComputeMeter)  # what this forward actually ran
 
 
 class HMSTBlock(nn.Module):
@@ -271,30 +280,67 @@ class HMSTModel(nn.Module):
                 kv.keys[i] = kv.keys[i][:, :, -W:]
                 kv.values[i] = kv.values[i][:, :, -W:]
 
-    def _retrieve(self, queries: torch.Tensor, memory, stride: int):
-        """Per-token kNN read: search every ``stride``-th query; token t uses the last query <= t."""
-        B, T, D = queries.shape
+    def _retrieve(self, queries: torch.Tensor, memory, stride: int, meter: ComputeMeter):
+        """Per-token kNN read for the rows given (``queries`` [n, T, D]): search every ``stride``-th
+        query; token t uses the last query <= t. Counts the searches on ``meter``."""
+        n, T, D = queries.shape
         k = self.cfg.mem_top_k
-        if memory is None or k <= 0 or len(memory) == 0:
+        if memory is None or k <= 0 or len(memory) == 0 or n == 0:
             return None
         qpos = torch.arange(0, T, stride, device=queries.device)
         q = queries[:, qpos].reshape(-1, D).detach()
+        cost = memory.query_cost(k) if hasattr(memory, "query_cost") else 0.0
+        meter.add(FAISS_QUERIES, q.size(0), cost)
         res = memory.search(q, k)
         nq = qpos.numel()
-        values = res.values.view(B, nq, k, -1).to(queries.dtype)  # per query position
-        mask = res.mask.view(B, nq, k)
-        scores = res.scores.view(B, nq, k).float()
-        ids = res.ids.view(B, nq, k)
-        best = torch.where(mask[..., 0], scores[..., 0], torch.zeros_like(scores[..., 0]))  # [B, nq]
+        values = res.values.view(n, nq, k, -1).to(queries.dtype)  # per query position
+        mask = res.mask.view(n, nq, k)
+        scores = res.scores.view(n, nq, k).float()
+        ids = res.ids.view(n, nq, k)
+        best = torch.where(mask[..., 0], scores[..., 0], torch.zeros_like(scores[..., 0]))  # [n, nq]
         return values, mask, best, ids
 
-    def _episodes(self, query: torch.Tensor | None, store, Tq: int):
+    def _episodes(self, query: torch.Tensor, store, Tq: int, meter: ComputeMeter):
+        """Top-k stored episode summaries for each query row [n, D] -> [n, Tq, k', D] (None if none)."""
         k = self.cfg.episodic_top_k
-        if store is None or query is None or k <= 0 or len(store) == 0:
+        if store is None or k <= 0 or len(store) == 0 or query.size(0) == 0:
             return None
-        scores, slots = store.retrieve(query.float(), k)  # [B, k']
+        meter.add_flops("episodic_store", 2.0 * query.size(0) * len(store) * query.size(1))
+        scores, slots = store.retrieve(query.float(), k)  # [n, k']
+        if hasattr(store, "record_hits"):
+            store.record_hits(slots)
         vals = store.get(slots.reshape(-1))["pooled"].view(query.size(0), slots.size(1), -1).to(query.device, query.dtype)
-        return vals.unsqueeze(1).expand(-1, Tq, -1, -1)  # [B, Tq, k', D]
+        return vals.unsqueeze(1).expand(-1, Tq, -1, -1)
+
+    # -- exact matmul FLOPs of each part (FlopCounterMode's convention: 2 per multiply-add) ------
+    def _block_flops(self, rows: int, T: int, Tk: int) -> float:
+        c = self.cfg
+        D = c.d_model
+        attn = 2 * T * D * 3 * D + 4 * T * Tk * D + 2 * T * D * D
+        moe = 2 * T * D * c.n_experts + T * c.top_k * 6 * D * c.d_ff
+        return float(rows) * (attn + moe)
+
+    def _ssm_flops(self, rows: int, T: int) -> tuple[float, float]:
+        """(matmul + conv FLOPs, elementwise scan operations) of the SSM layers on ``rows`` rows."""
+        mm = scan = 0.0
+        for blk in self.ssm:
+            Di, N, R, D = blk.d_inner, blk.d_state, blk.dt_rank, blk.d_model
+            mm += 2 * T * D * 2 * Di + 2 * Di * T * blk.d_conv + 2 * T * Di * (R + 2 * N) + 2 * T * R * Di + 2 * T * Di * D
+            mm += 2 * T * Di * N  # the read-out C . h (a batched matmul)
+            scan += 4 * T * Di * N  # exp(delta A), delta B u, a h + b per state element
+        return rows * mm, rows * scan
+
+    def _reader_flops(self, rows: int, T: int, Tq: int, M: int) -> float:
+        D, H = self.cfg.d_model, self.cfg.n_head
+        return float(rows) * (2 * T * D * D + 2 * Tq * M * D * 2 * D + 4 * T * M * D + 2 * T * D + 2 * T * D * D + 2 * T * D * H)
+
+    def _controller_flops(self, rows: int) -> float:
+        c = self.controller
+        hid = c.trunk[2].in_features
+        return float(rows) * 2 * ((c.d_model + c.n_state_features) * hid + hid * hid + hid * (len(GATES) + c.n_experts + 2))
+
+    def _cache_len(self, kv: KVCache | None, layer: int) -> int:
+        return 0 if kv is None or kv.keys[layer] is None else kv.keys[layer].size(2)
 
     def _segmented(self, ids, state, memory, store, gate_mode, schedule, decision, return_exit_logits, generator):
         """Longer inputs without a KV cache: consecutive block_size segments, state carried
@@ -310,6 +356,9 @@ class HMSTModel(nn.Module):
         last.logits, last.hidden, last.mem_keys = cat("logits"), cat("hidden"), cat("mem_keys")
         last.exit_logits = cat("exit_logits") if all(o.exit_logits is not None for o in outs) else None
         last.retrieved_ids = cat("retrieved_ids") if all(o.retrieved_ids is not None for o in outs) else None
+        for o in outs[:-1]:
+            last.compute.merge(o.compute)
+        last.metrics.update(last.compute.as_metrics())
         return last
 
     # -- forward ------------------------------------------------------------------------------------
@@ -340,96 +389,146 @@ class HMSTModel(nn.Module):
                                    return_exit_logits, generator)
         cos, sin = self.rope(start, T, dev)
         want_exit_logits = self.training if return_exit_logits is None else return_exit_logits
+        meter = ComputeMeter()
+        D, V = cfg.d_model, cfg.vocab_size
+        stride = max(1, cfg.mem_query_stride)
+        Tq = (T + stride - 1) // stride
 
         x = self.drop(self.wte(input_ids))
-        # 1) episodic SSM over the token stream (always advanced, so its state stays in sync)
-        e, new_ssm = x, []
-        for norm, blk, s in zip(self.ssm_norms, self.ssm, state.ssm):
-            y, s2 = blk(norm(e), s)
-            e = e + y
-            new_ssm.append(s2)
-
-        # 2) lower MoE blocks
+        # 1) lower MoE blocks, every row
         stats_all = []
         h = x
         for i in range(cfg.exit_layer):
+            tk = self._cache_len(kv, i) + T
             h, st = self.blocks[i](h, cos, sin, kv, i)
+            meter.add_flops("lower", self._block_flops(B, T, tk))
             stats_all.append(st)
         h_exit = self.exit_norm(h)
         pooled = h.mean(1)
 
-        # 3) memory retrieval and controller state features
-        retr = self._retrieve(h_exit, memory, max(1, cfg.mem_query_stride))
+        # 2) the gates decide before any memory work: every feature is known at this point
+        # (exit-head entropy of the last token, position, occupancy, the previous segment's
+        # best retrieval similarity), so a gate that is off really skips its work
         last_logits = self.lm_head(h_exit[:, -1])
+        meter.add_flops("exit_probe", 2.0 * B * D * V)
         lp = F.log_softmax(last_logits.float(), -1)
         exit_entropy = -(lp.exp() * lp).sum(-1).detach()
-        best_sim = retr[2].amax(1) if retr is not None else torch.zeros(B, device=dev)
+        prev_sim = state.prev_sim.to(dev) if state.prev_sim is not None else torch.zeros(B, device=dev)
         occupancy = memory.occupancy() if memory is not None and hasattr(memory, "occupancy") else 0.0
         features = self.controller.state_features(exit_entropy, torch.full((B,), float(state.pos + T), device=dev),
-                                                  torch.full((B,), float(occupancy), device=dev), best_sim)
+                                                  torch.full((B,), float(occupancy), device=dev), prev_sim)
         if decision is None and kv is not None and state.decision is not None and start > 0:
             decision = state.decision  # hold the gates fixed while the KV cache grows
         if decision is None:
             decision = self.controller(pooled, features, mode=gate_mode, schedule=schedule, generator=generator)
+            meter.add_flops("controller", self._controller_flops(B))
+            if cfg.exit_entropy_threshold is not None and not self.training:
+                decision.exit = (exit_entropy < cfg.exit_entropy_threshold).to(decision.exit.dtype)
         if kv is not None:
             state.decision = decision
 
         exit_rows = decision.exit > 0.5
+        go_rows = ~exit_rows  # rows that read memory and whose upper layers matter
         if kv is not None:
             # the gates are held for the whole cached sequence: if every row exits, the upper
-            # layers are never needed (their caches stay empty); a mixed batch runs all rows so
-            # that the batched caches stay aligned, and exiting rows still take the exit head
+            # layers are never needed (their caches stay empty); a mixed batch runs all rows'
+            # upper blocks so that the batched caches stay aligned (exiting rows read no memory
+            # and take the exit head)
             run_idx = torch.arange(B, device=dev) if not bool(exit_rows.all()) else exit_rows.nonzero().squeeze(1)[:0]
         else:
-            run_idx = torch.nonzero(~exit_rows).squeeze(1)
+            run_idx = torch.nonzero(go_rows).squeeze(1)
         exit_idx = torch.nonzero(exit_rows).squeeze(1)
         if want_exit_logits:  # deep supervision needs the exit head on every row
             exit_logits = self.lm_head(h_exit)
+            meter.add_flops("exit_head", 2.0 * B * T * D * V)
             logits = exit_logits.clone()
         else:  # only the rows that exit pay for the exit head
             exit_logits = None
-            logits = h_exit.new_zeros(B, T, cfg.vocab_size)
+            logits = h_exit.new_zeros(B, T, V)
             if exit_idx.numel():
                 lx = self.lm_head(h_exit[exit_idx])
+                meter.add_flops("exit_head", 2.0 * exit_idx.numel() * T * D * V)
                 logits = logits.to(lx.dtype).index_copy(0, exit_idx, lx)
 
-        # 4) upper path for the rows that continue
+        # 3) episodic SSM, only for rows that read it; a row that does not keeps its state
+        # unchanged (that segment is not folded into its episodic memory)
+        ep_rows = go_rows & (decision.episodic > 0.5)
+        ep_idx = torch.nonzero(ep_rows).squeeze(1)
+        new_ssm = list(state.ssm)
+        e = None
+        if ep_idx.numel() and self.ssm:
+            every = ep_idx.numel() == B
+            e = x if every else x[ep_idx]
+            for li, (norm, blk, s) in enumerate(zip(self.ssm_norms, self.ssm, state.ssm)):
+                y, s2 = blk(norm(e), s if every else (s[0][ep_idx], s[1][ep_idx]))
+                e = e + y
+                new_ssm[li] = s2 if every else (s[0].index_copy(0, ep_idx, s2[0].to(s[0].dtype)),
+                                                s[1].index_copy(0, ep_idx, s2[1].to(s[1].dtype)))
+            mm, scan = self._ssm_flops(ep_idx.numel(), T)
+            meter.add_flops("ssm", mm)
+            meter.add("ssm_scan_ops", scan, 1.0)
+
+        # 4) upper path
         hidden = h_exit.clone()
         mem_attn = torch.zeros((), device=dev)
+        new_sim = prev_sim.clone()
+        retrieved_ids = None
         n_up = run_idx.numel()
         if n_up:
-            hu, eu = h[run_idx], e[run_idx]
-            ep_on = decision.episodic[run_idx].to(hu.dtype).view(-1, 1, 1)
-            sem_on = decision.semantic[run_idx].view(-1, 1, 1).bool()
-            g = torch.sigmoid(self.ep_gate(torch.cat([self.ep_norm(hu), eu], dim=-1)))
-            hu = hu + ep_on * g * self.ep_proj(eu)
-            items, masks = [], []
+            hu = h[run_idx]
+            pos_in_run = torch.full((B,), -1, dtype=torch.long, device=dev)
+            pos_in_run[run_idx] = torch.arange(n_up, device=dev)
+            if e is not None:  # gated SSM output into the residual
+                ep_local = pos_in_run[ep_idx]
+                hu_e = hu[ep_local]
+                g = torch.sigmoid(self.ep_gate(torch.cat([self.ep_norm(hu_e), e], dim=-1)))
+                hu = hu.index_add(0, ep_local, (g * self.ep_proj(e)).to(hu.dtype))
+                meter.add_flops("episodic_read", 2.0 * ep_idx.numel() * T * 3 * D * D)
+            # semantic memory: FAISS search and reader only for rows whose semantic gate is on
+            sem_idx = torch.nonzero(go_rows & (decision.semantic > 0.5)).squeeze(1)
+            retr = self._retrieve(h_exit[sem_idx], memory, stride, meter)
+            items, masks, read_rows = [], [], torch.zeros(n_up, dtype=torch.bool, device=dev)
             if retr is not None:
-                items.append(retr[0][run_idx])
-                masks.append(retr[1][run_idx] & sem_on)
-            stride = max(1, cfg.mem_query_stride)
-            Tq = (T + stride - 1) // stride
-            eps = self._episodes(state.prev_pooled, episodic_store, Tq)
-            if eps is not None:
-                items.append(eps[run_idx])
-                ep_mask = torch.ones(eps.shape[:3], dtype=torch.bool, device=dev)
-                if state.prev_valid is not None:
-                    ep_mask = ep_mask & state.prev_valid.to(dev).view(-1, 1, 1)
-                masks.append(ep_mask[run_idx] & (ep_on > 0.5))
+                sem_local = pos_in_run[sem_idx]
+                k = retr[0].size(2)
+                vals = retr[0].new_zeros(n_up, Tq, k, retr[0].size(-1)).index_copy(0, sem_local, retr[0])
+                msk = torch.zeros(n_up, Tq, k, dtype=torch.bool, device=dev).index_copy(0, sem_local, retr[1])
+                items.append(vals)
+                masks.append(msk)
+                read_rows[sem_local] = True
+                new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
+                retrieved_ids = torch.full((B, Tq, k), -1, dtype=torch.long, device=dev).index_copy(0, sem_idx, retr[3])
+            # episodic store: rows with the episodic gate on and a valid previous segment
+            if state.prev_pooled is not None and e is not None:
+                valid = ep_rows if state.prev_valid is None else ep_rows & state.prev_valid.to(dev)
+                epq_idx = torch.nonzero(valid).squeeze(1)
+                eps = self._episodes(state.prev_pooled[epq_idx], episodic_store, Tq, meter)
+                if eps is not None:
+                    epq_local = pos_in_run[epq_idx]
+                    ke = eps.size(2)
+                    items.append(eps.new_zeros(n_up, Tq, ke, eps.size(-1)).index_copy(0, epq_local, eps))
+                    masks.append(torch.zeros(n_up, Tq, ke, dtype=torch.bool, device=dev).index_fill(0, epq_local, True))
+                    read_rows[epq_local] = True
             if items:
-                read, mem_attn = self.reader(hu, torch.cat(items, 2), torch.cat(masks, 2), stride)
-                hu = hu + read
+                rd = torch.nonzero(read_rows).squeeze(1)
+                mem = torch.cat(items, 2)[rd]
+                read, mem_attn = self.reader(hu[rd], mem, torch.cat(masks, 2)[rd], stride)
+                meter.add_flops("reader", self._reader_flops(rd.numel(), T, Tq, mem.size(2)))
+                hu = hu.index_add(0, rd, read.to(hu.dtype))
             bias = decision.expert_bias[run_idx].unsqueeze(1)
             for i in range(cfg.exit_layer, cfg.n_layer):
+                tk = self._cache_len(kv, i) + T
                 hu, st = self.blocks[i](hu, cos, sin, kv, i, bias)
+                meter.add_flops("upper", self._block_flops(n_up, T, tk))
                 stats_all.append(st)
             hu = self.ln_f(hu)
-            lu = self.lm_head(hu)
             if kv is None:
                 sel, src = run_idx, torch.arange(n_up, device=dev)
             else:
-                sel = src = torch.nonzero(~exit_rows).squeeze(1)
-            logits = logits.index_copy(0, sel, lu[src].to(logits.dtype))
+                sel = src = torch.nonzero(go_rows).squeeze(1)
+            lu = self.lm_head(hu[src])
+            meter.add_flops("head", 2.0 * src.numel() * T * D * V)
+            logits = logits.index_copy(0, sel, lu.to(logits.dtype))
             hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
         if kv is not None:
             kv.length = start + T
@@ -447,13 +546,14 @@ class HMSTModel(nn.Module):
         metrics["gate_expert_bias"] = (decision.expert_choice < cfg.n_experts).float().mean()
         layers_run = (cfg.exit_layer * B + (cfg.n_layer - cfg.exit_layer) * n_up) / max(B, 1)
         metrics["exit_layers_skipped_frac"] = torch.tensor(1.0 - layers_run / cfg.n_layer)
-        metrics["semantic_best_sim"] = best_sim.float().mean()
+        metrics["semantic_best_sim"] = new_sim.float().mean()
         metrics["semantic_occupancy"] = torch.tensor(float(occupancy))
         metrics["memory_attention_mass"] = mem_attn.detach().float()
         metrics["ssm_state_norm"] = new_ssm[-1][1].float().norm(dim=(1, 2)).mean() if new_ssm else torch.zeros(())
+        metrics.update(meter.as_metrics())
 
         new_state = HMSTState(ssm=new_ssm, pos=state.pos + T, prev_pooled=pooled.detach(), kv=kv,
-                              decision=state.decision if kv is not None else None)
+                              decision=state.decision if kv is not None else None, prev_sim=new_sim.detach())
         return HMSTOutput(
             logits=logits,
             state=new_state,
@@ -465,7 +565,8 @@ class HMSTModel(nn.Module):
             features=features,
             pooled=pooled,
             mem_keys=h_exit.detach(),
-            retrieved_ids=retr[3] if retr is not None else None,
+            retrieved_ids=retrieved_ids,
             exit_rows=exit_rows,
             layers_run=layers_run,
+            compute=meter,
         )

@@ -200,6 +200,19 @@ def test_ingest_writes_retrievable_items():
     assert len(m.semantic) == n - 5
 
 
+def test_ingest_keeps_the_tail_of_a_document():
+    # a fact's value sits at its end: with a stride that does not divide the length, the last
+    # token must still become an item whose text ends with it
+    m = small(mem_write_stride=16)
+    m.tokenizer = _Tok()
+    text = "The capital of Zorbia is Quelt."  # 31 tokens, block 16: items at token 16 and at the end
+    enc = m.tokenizer.encode(text)
+    ids = m.ingest(text)
+    assert ids.numel() == 2  # without the tail item only the first would be written
+    tail = enc[16:][-m.mem_text_tokens:]  # the second segment, up to its last token
+    assert m.semantic.get_texts(ids[-1:])[0] == m.tokenizer.decode(tail)
+
+
 @pytest.mark.timeout(120)
 def test_fit_checkpoint_roundtrip_keeps_memories(tmp_path):
     from memlm.datamodules.text import TextDataModule
