@@ -133,7 +133,7 @@ def stage4(ckpt: str, tok, steps: int, n_facts: int, seed: int) -> HMSTLanguageM
     return m
 
 
-def evaluate(m, eval_facts, cfg: EngineConfig) -> dict:
+def evaluate(m, eval_facts, cfg: EngineConfig, show: int = 0) -> dict:
     eng = HMSTInferenceEngine(m, cfg)
     em = conf_err = abstain = 0
     compute, latency = [], []
@@ -141,6 +141,9 @@ def evaluate(m, eval_facts, cfg: EngineConfig) -> dict:
         d = eval_facts[(i + 1) % len(eval_facts)]
         res = eng.answer(prompt_of(f, d), query=f.question)
         right = res.text.strip().rstrip(".") == f.value
+        if i < show:  # sample outputs, so an EM of 0 can be told apart from an extraction fault
+            got = [r["text"] for r in res.attempts[-1].retrieved] if res.attempts else []
+            print(f"sample {cfg.gate_mode}: Q {f.question!r} expected {f.value!r} got {res.text!r} retrieved {got}")
         em += int(right and not res.abstained)
         abstain += int(res.abstained)
         score = res.critic_score
@@ -197,10 +200,13 @@ def main() -> int:
     for m in [*models.values(), crit, base]:
         m.eval()
         for f in eval_facts:
-            m.ingest(f.text)
+            # one item per fact: with the default stride the item texts end at every
+            # mem_write_stride-th token, so a fact's tail (its value) is dropped unless its
+            # length is a multiple of the stride
+            m.ingest(f.text, stride=len(tok.encode(f.text)))
     never = dict(verify="never", max_new_tokens=12, threshold=args.threshold)
     rows = {
-        "all_on": evaluate(base, eval_facts, EngineConfig(gate_mode="all_on", **never)),
+        "all_on": evaluate(base, eval_facts, EngineConfig(gate_mode="all_on", **never), show=5),
         "schedule": evaluate(base, eval_facts, EngineConfig(gate_mode="schedule", **never)),
         "controller": evaluate(ctl, eval_facts, EngineConfig(gate_mode="controller", **never)),
         "controller_critic": evaluate(crit, eval_facts, EngineConfig(gate_mode="controller", verify="always",
