@@ -8,8 +8,9 @@ every string is learned once, in order, by local plasticity (``automatic_optimiz
 predicted before the unit was learned), ``train/vocab_size``, ``train/neurons``,
 ``train/synapses``, ``train/learned_patterns``, ``train/weight_change``, ``train/new_units``,
 ``train/tokens_per_sec``; validation and test log ``val/``/``test/`` ``loss``, ``ppl``, ``bpb`` and
-``acc`` through the shared evaluation accumulator (from a fixed softmax read-out of the
-network's drive, see ``ContinualLearner.score_text``).
+``acc`` through the shared evaluation accumulator (the NLL of a normalised softmax read-out of
+the network's drive whose temperature is fitted on prequential training positions, see
+``memlm.models.hebbian.readout``).
 
 Checkpoints: the whole learner (weights, vocabulary, RNG states, counters) lives in
 ``checkpoint["hebbian_state"]`` as tensors and JSON strings. The MemLM tokenizer slot
@@ -21,13 +22,15 @@ serving code written for ``TextTokenizer`` work unchanged.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Iterator
 
 import torch
 
 from memlm.lightning_modules.base import MemLMModule
-from memlm.models.hebbian.learner import READOUT_GAIN, ContinualLearner, LearnerConfig
+from memlm.models.hebbian.learner import READOUT_GAIN, TURN_SEPARATOR, ContinualLearner, LearnerConfig
 from memlm.models.hebbian.teacher import DEFAULT_SYSTEM_PROMPT
+from memlm.models.hebbian.trainer import ConversationalTrainer, Lesson
 from memlm.models.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
 from memlm.core.errors import MemLMError
 from memlm.core.state import reset_tensor_rows, row_mask
@@ -57,10 +60,17 @@ class HebbianTokenizer:
         return self.vocab.id_space
 
     def encode(self, text: str) -> list[int]:
-        return self.vocab.encode(text)
+        """Units of ``text``; a ``TURN_SEPARATOR`` between dialogue turns becomes ``<eos>``, the unit
+        that closes a turn in training (so a rendered conversation reads as the learner learned it)."""
+        if TURN_SEPARATOR not in text:
+            return self.vocab.encode(text)
+        ids: list[int] = []
+        for i, turn in enumerate(text.split(TURN_SEPARATOR)):
+            ids += ([EOS_ID] if i else []) + self.vocab.encode(turn)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.vocab.encode(t) for t in texts]
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.vocab.decode(ids, skip_special=skip_special_tokens)
@@ -86,6 +96,10 @@ class HebbianLanguageModel(MemLMModule):
     """Online Hebbian learner as a LightningModule (see the module docstring)."""
 
     checkpoint_monitor = "val/acc"
+    #: chat renders a conversation as the learner's own turns (user/assistant texts joined by
+    #: TURN_SEPARATOR, no "User:"/"Assistant:" tags): dialogue data never contains the tags, so a
+    #: tagged prompt would leave the network with no learned continuation (empty replies)
+    chat_template = "turns"
 
     # jsonargparse builds the config schema from this signature, so it repeats LearnerConfig's fields
     def __init__(
@@ -98,6 +112,7 @@ class HebbianLanguageModel(MemLMModule):
         max_new_units_per_input: int = 4,
         usage_half_life: float = 5000.0,
         forget_below: float = 0.5,
+        neuron_model: str = "rate",
         neurons_per_column: int = 64,
         synapses_per_neuron: int = 48,
         k_winners: int = 4,
@@ -110,6 +125,20 @@ class HebbianLanguageModel(MemLMModule):
         weight_decay: float = 0.002,
         weight_max: float = 1.0,
         activation_threshold: float = 0.2,
+        lif_steps: int = 8,
+        lif_tau_m: float = 10.0,
+        lif_threshold: float = 3.0,
+        lif_reset: float = 0.0,
+        lif_refractory: int = 2,
+        lif_input: float = 1.0,
+        lif_recurrent_gain: float = 2.0,
+        stdp_tau_plus: float = 8.0,
+        stdp_tau_minus: float = 8.0,
+        theta_plus: float = 0.05,
+        theta_tau: float = 20000.0,
+        calibrate_every: int = 4,
+        replay_memory: int = 0,
+        replay_per_merge: int = 8,
         temperature: float = 0.7,
         max_response_units: int = 48,
         teacher_api_url: str | None = None,
@@ -132,6 +161,7 @@ class HebbianLanguageModel(MemLMModule):
             max_new_units_per_input=max_new_units_per_input,
             usage_half_life=usage_half_life,
             forget_below=forget_below,
+            neuron_model=neuron_model,
             neurons_per_column=neurons_per_column,
             synapses_per_neuron=synapses_per_neuron,
             k_winners=k_winners,
@@ -144,6 +174,20 @@ class HebbianLanguageModel(MemLMModule):
             weight_decay=weight_decay,
             weight_max=weight_max,
             activation_threshold=activation_threshold,
+            lif_steps=lif_steps,
+            lif_tau_m=lif_tau_m,
+            lif_threshold=lif_threshold,
+            lif_reset=lif_reset,
+            lif_refractory=lif_refractory,
+            lif_input=lif_input,
+            lif_recurrent_gain=lif_recurrent_gain,
+            stdp_tau_plus=stdp_tau_plus,
+            stdp_tau_minus=stdp_tau_minus,
+            theta_plus=theta_plus,
+            theta_tau=theta_tau,
+            calibrate_every=calibrate_every,
+            replay_memory=replay_memory,
+            replay_per_merge=replay_per_merge,
             temperature=temperature,
             max_response_units=max_response_units,
             teacher_api_url=teacher_api_url,
@@ -156,6 +200,7 @@ class HebbianLanguageModel(MemLMModule):
         )
         self.learner = ContinualLearner(self.config)
         self.tokenizer = HebbianTokenizer(learner=self.learner)
+        self._lesson_trainer: ConversationalTrainer | None = None
 
     # -- Lightning ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -236,14 +281,36 @@ class HebbianLanguageModel(MemLMModule):
             "memlm.datamodules.conversation.ConversationDataModule"
         )
 
+    def _run_lessons(self, lessons: list[dict]) -> dict:
+        """Teacher-led episodes (``memlm.models.hebbian.trainer``), one per lesson of the batch."""
+        if self._lesson_trainer is None:
+            if self.learner.teacher is None:
+                warnings.warn("no teacher_api_url: every lesson uses its fallback opening and gets no feedback",
+                              stacklevel=2)
+            self._lesson_trainer = ConversationalTrainer(self.learner, self.learner.teacher)
+        out = {"correct": 0, "scored": 0, "units": 0, "new_units": 0, "passed": 0, "feedback": 0}
+        for lesson in lessons:
+            ep = self._lesson_trainer.run_episode(Lesson(**lesson))
+            for k in ("correct", "scored", "units", "new_units"):
+                out[k] += ep[k]
+            out["passed"] += int(ep["passed"])
+            out["feedback"] += int(ep["feedback"] is not None)
+            if ep["warning"]:
+                warnings.warn(f"lesson {lesson['episode']}: {ep['warning']}", stacklevel=2)
+        return out
+
     def training_step(self, batch, batch_idx):
-        texts = self._check_batch(batch)
+        lessons = batch if isinstance(batch, list) and batch and all(isinstance(x, dict) for x in batch) else None
+        texts = lessons if lessons is not None else self._check_batch(batch)
         net = self.learner.net
         change0, steps0 = net.abs_change, net.learning_steps
         t0 = time.perf_counter()
-        out = self(texts)
+        out = self._run_lessons(lessons) if lessons is not None else self(texts)
         dt = time.perf_counter() - t0
         n = len(texts)
+        if lessons is not None:  # lesson pass rate and how many got the teacher's feedback
+            self.log_dict({"train/lesson_pass": out["passed"] / n, "train/teacher_feedback": out["feedback"] / n},
+                          on_step=True, on_epoch=False, batch_size=n)
         stats = {
             "train/acc": out["correct"] / max(1, out["scored"]),
             "train/vocab_size": float(len(self.learner.vocab)),
@@ -284,6 +351,7 @@ class HebbianLanguageModel(MemLMModule):
         if state is None:
             raise MemLMError("checkpoint has no hebbian_state; it was not written by HebbianLanguageModel")
         self.learner.load_state_dict(state)
+        self._lesson_trainer = None  # rebuilt around the loaded learner
         self.config = self.learner.config
         self.tokenizer = HebbianTokenizer(learner=self.learner)
 

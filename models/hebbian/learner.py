@@ -15,6 +15,7 @@ is what it predicts after it (a reply learned from the teacher). Generation stop
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -25,15 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memlm.models.hebbian.lif import LIFColumnNetwork
 from memlm.models.hebbian.network import NO_CONTEXT, ColumnNetwork
+from memlm.models.hebbian.readout import ReadoutCalibration, unit_probability
 from memlm.models.hebbian.teacher import DEFAULT_SYSTEM_PROMPT, TeacherClient, TeacherUnavailable
 from memlm.models.hebbian.vocab import BOS_ID, EOS_ID, GrowingVocab
 from memlm.core.errors import MemLMError
 
+NEURON_MODELS = {"rate": ColumnNetwork, "lif": LIFColumnNetwork}
 TURN_SEPARATOR = "\x1e"  # separates the turns of one dialogue inside a single string
 STATE_FORMAT = 1
-READOUT_GAIN = 8.0  # softmax gain of the probabilistic read-out (per w_max of drive)
-READOUT_EPS = 0.02  # uniform mixture so unpredicted units keep a finite probability
+READOUT_GAIN = 8.0  # softmax gain of sampling in chat (per w_max of drive, divided by the temperature)
 
 
 @dataclass
@@ -46,7 +49,8 @@ class LearnerConfig:
     max_new_units_per_input: int = 4
     usage_half_life: float = 5000.0  # in utterances; decay of unit usage counts
     forget_below: float = 0.5  # forget() floor on decayed usage
-    # network
+    # network: "rate" (one threshold decision per unit) or "lif" (spiking, memlm.models.hebbian.lif)
+    neuron_model: str = "rate"
     neurons_per_column: int = 64
     synapses_per_neuron: int = 48
     k_winners: int = 4  # k-winners-take-all inside an active column
@@ -59,6 +63,25 @@ class LearnerConfig:
     weight_decay: float = 0.002  # heterosynaptic decay of a learning neuron's synapses (x learning_rate)
     weight_max: float = 1.0
     activation_threshold: float = 0.2  # drive needed for a neuron to count as predicted
+    # lif only: T steps per unit, membrane, refractory period, STDP windows, adaptive thresholds
+    lif_steps: int = 8
+    lif_tau_m: float = 10.0
+    lif_threshold: float = 3.0
+    lif_reset: float = 0.0
+    lif_refractory: int = 2
+    lif_input: float = 1.0  # external current into the presented column, per step
+    lif_recurrent_gain: float = 2.0  # synaptic current per unit of context drive
+    stdp_tau_plus: float = 8.0
+    stdp_tau_minus: float = 8.0
+    theta_plus: float = 0.05  # threshold increase per spike (homeostasis)
+    theta_tau: float = 20000.0  # threshold recovery time constant, in steps
+    # read-out: every calibrate_every-th utterance is scored before it is learned, to fit the
+    # temperature of the val/loss distribution on training data (0: never; the defaults stay)
+    calibrate_every: int = 4
+    # consolidation against re-segmentation: keep the last replay_memory utterances; when a merge
+    # creates a unit, re-learn up to replay_per_merge of the kept ones that contain it (0: off)
+    replay_memory: int = 0
+    replay_per_merge: int = 8
     # responding
     temperature: float = 0.7  # <= 0: greedy
     max_response_units: int = 48
@@ -95,23 +118,37 @@ class ContinualLearner:
             usage_half_life=cfg.usage_half_life,
             forget_below=cfg.forget_below,
         )
-        self.net = ColumnNetwork(
-            self.vocab.id_space,
-            cells_per_column=cfg.neurons_per_column,
-            synapses_per_cell=cfg.synapses_per_neuron,
-            learning_rate=cfg.learning_rate,
-            hebbian_strength=cfg.hebbian_strength,
-            depression=cfg.depression,
-            stdp_ltd=cfg.stdp_ltd,
-            decay=cfg.weight_decay,
-            w_max=cfg.weight_max,
-            threshold=cfg.activation_threshold,
-            k_winners=cfg.k_winners,
-            trace_len=cfg.trace_len,
-            trace_decay=cfg.trace_decay,
-            seed=cfg.seed,
-        )
+        if cfg.neuron_model not in NEURON_MODELS:
+            raise MemLMError(f"neuron_model must be one of {sorted(NEURON_MODELS)}, got {cfg.neuron_model!r}")
+        lif = {} if cfg.neuron_model == "rate" else dict(
+            steps=cfg.lif_steps, tau_m=cfg.lif_tau_m, v_threshold=cfg.lif_threshold, v_reset=cfg.lif_reset,
+            refractory=cfg.lif_refractory, input_current=cfg.lif_input, recurrent_gain=cfg.lif_recurrent_gain,
+            tau_plus=cfg.stdp_tau_plus, tau_minus=cfg.stdp_tau_minus, theta_plus=cfg.theta_plus,
+            theta_tau=cfg.theta_tau)
+        try:
+            self.net = NEURON_MODELS[cfg.neuron_model](
+                self.vocab.id_space,
+                **lif,
+                cells_per_column=cfg.neurons_per_column,
+                synapses_per_cell=cfg.synapses_per_neuron,
+                learning_rate=cfg.learning_rate,
+                hebbian_strength=cfg.hebbian_strength,
+                depression=cfg.depression,
+                stdp_ltd=cfg.stdp_ltd,
+                decay=cfg.weight_decay,
+                w_max=cfg.weight_max,
+                threshold=cfg.activation_threshold,
+                k_winners=cfg.k_winners,
+                trace_len=cfg.trace_len,
+                trace_decay=cfg.trace_decay,
+                seed=cfg.seed,
+            )
+        except ValueError as exc:
+            raise MemLMError(f"invalid Hebbian network settings: {exc}") from exc
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.readout = ReadoutCalibration()
+        self.replay: collections.deque[str] = collections.deque(maxlen=max(1, cfg.replay_memory))
+        self._replaying = False
         if teacher is None and cfg.teacher_api_url:
             teacher = TeacherClient(
                 cfg.teacher_api_url,
@@ -137,11 +174,22 @@ class ContinualLearner:
         self.net.grow(self.vocab.id_space)
         return new, removed
 
-    def _feed(self, ids: list[int], learn: bool) -> tuple[int, int]:
-        """Present units in order; returns (correct predictions, predictions scored)."""
+    def _feed(self, ids: list[int], learn: bool, calibrate: bool = False) -> tuple[int, int]:
+        """Present units in order; returns (correct predictions, predictions scored).
+
+        ``calibrate``: score each unit before it is presented, for the read-out calibration (one
+        kernel call per unit instead of one per sequence; the network ends in the same state)."""
         if not ids:
             return 0, 0
-        preds = self.net.feed(ids, learn=learn)
+        if calibrate:
+            net = self.net
+            preds = np.empty(len(ids), dtype=np.int64)
+            for i, u in enumerate(ids):
+                if net.has_context:
+                    self.readout.add(net.unit_scores(), u, net.alive, net.w_max)
+                preds[i] = net.feed([u], learn=learn)[0]
+        else:
+            preds = self.net.feed(ids, learn=learn)
         scored = preds != NO_CONTEXT
         return int((preds[scored] == np.asarray(ids)[scored]).sum()), int(scored.sum())
 
@@ -159,13 +207,39 @@ class ContinualLearner:
         if not continue_context:
             self.net.reset()
         seq = ([BOS_ID] if start else []) + ids + ([EOS_ID] if close else [])
-        correct, scored = self._feed(seq, learn=learn)
+        every = self.config.calibrate_every
+        calibrate = learn and every > 0 and self.utterances % every == 0
+        correct, scored = self._feed(seq, learn=learn, calibrate=calibrate)
         if learn:
             self.units_learned += scored
             self.correct += correct
             self.utterances += 1
+        if learn and self.config.replay_memory > 0 and not self._replaying:
+            if new:
+                self._remap(new)
+            if start:  # whole utterances only: a reply replayed alone would lose its question
+                self.replay.append(text)
         self.learn_seconds += time.perf_counter() - t0
         return {"ids": ids, "new_units": new, "removed_units": removed, "correct": correct, "scored": scored}
+
+    def _remap(self, new_units: list[int]) -> None:
+        """Re-learn kept utterances that the new units re-segment, so their chains exist over
+        the new units too (the old chains stay); counters and the current context are kept."""
+        pieces = [p for p in (self.vocab.unit_text(u) for u in new_units) if p]
+        todo = [t for t in reversed(self.replay) if any(p in t for p in pieces)]
+        todo = todo[: self.config.replay_per_merge * len(pieces)]
+        if not todo:
+            return
+        snap = self.net.snapshot()
+        counters = (self.units_learned, self.correct, self.utterances)
+        self._replaying = True
+        try:
+            for t in todo:
+                self.learn_utterance(t)
+        finally:
+            self._replaying = False
+            self.units_learned, self.correct, self.utterances = counters
+            self.net.restore(snap)
 
     def learn_text(self, text: str) -> dict:
         """Learn a plain utterance, or a dialogue whose turns are joined by ``TURN_SEPARATOR``."""
@@ -187,11 +261,11 @@ class ContinualLearner:
         return r["correct"], r["scored"]
 
     def score_text(self, text: str, with_nll: bool = True) -> dict:
-        """Next-unit accuracy and a probabilistic read-out on ``text`` without learning.
+        """Next-unit accuracy and the NLL of a normalised read-out on ``text`` without learning.
 
-        The read-out is ``p = (1 - eps) * softmax(readout_gain * scores) + eps * uniform``
-        over live units (a fixed calibration of the network's drive, used for val/loss and
-        val/bpb so runs can be compared; the network itself has no probabilities).
+        The read-out is ``p = (1 - eps) * softmax(gain * scores) + eps * uniform`` over live
+        units, with ``gain`` and ``eps`` fitted on prequential training positions
+        (:mod:`memlm.models.hebbian.readout`), never on the text scored here.
         """
         snap = self.net.snapshot()
         net = self.net
@@ -205,7 +279,7 @@ class ContinualLearner:
         nbytes = 0
         token_bytes = self.vocab.token_bytes() if with_nll else None
         alive = net.alive
-        n_alive = max(1, int(alive.sum()))
+        gain, eps = self.readout.fit() if with_nll else (0.0, 0.0)
         for u in seq:
             if net.has_context:
                 scores = net.unit_scores()
@@ -214,9 +288,7 @@ class ContinualLearner:
                 correct += int(pred == u)
                 scored += 1
                 if with_nll:
-                    logits = (scores * (READOUT_GAIN / net.w_max)).masked_fill(~alive, float("-inf"))
-                    p = (1 - READOUT_EPS) * float(logits.softmax(-1)[u]) + READOUT_EPS / n_alive
-                    nll -= math.log(max(p, 1e-12))
+                    nll -= math.log(max(unit_probability(scores, u, alive, net.w_max, gain, eps), 1e-300))
                     nbytes += token_bytes[u]
             net.step(u, learn=False)
         net.restore(snap)
@@ -329,6 +401,8 @@ class ContinualLearner:
         sd["config"] = json.dumps(self.config.to_dict())
         sd["vocab"] = self.vocab.to_json()
         sd["rng"] = self.generator.get_state()
+        sd.update({f"readout.{k}": v for k, v in self.readout.state_tensors().items()})
+        sd["replay"] = json.dumps(list(self.replay))
         sd["counters"] = torch.tensor(
             [self.units_learned, self.correct, self.utterances, self.learn_seconds], dtype=torch.float64
         )
@@ -351,6 +425,10 @@ class ContinualLearner:
         except (KeyError, ValueError) as exc:
             raise MemLMError(f"corrupt Hebbian network state ({exc}); delete it to start afresh") from exc
         self.generator.set_state(sd["rng"])
+        readout = {k[8:]: v for k, v in sd.items() if k.startswith("readout.")}
+        if readout:  # states saved before the calibration keep its defaults
+            self.readout.load_state_tensors(readout)
+        self.replay.extend(json.loads(sd.get("replay", "[]")))
         c = sd["counters"].tolist()
         self.units_learned, self.correct, self.utterances, self.learn_seconds = int(c[0]), int(c[1]), int(c[2]), c[3]
 

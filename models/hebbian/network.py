@@ -548,7 +548,8 @@ class ColumnNetwork:
     def restore(self, snap) -> None:
         active, hist, hist_n, state = snap
         self._active[:], self._hist[:], self._hist_n[:] = active, hist, hist_n
-        keep = [_N_ACTIVE, _HEAD, _N_HIST]
+        # the tie-break counter too: a run without learning (scoring, replying) must leave no trace
+        keep = [_N_ACTIVE, _HEAD, _N_HIST, _HASH_STEP]
         self._state[keep] = state[keep]
         self._refresh()
 

@@ -139,13 +139,13 @@ def test_server_errors_and_bad_answers_raise_teacher_unavailable(teacher_server)
     server, handler = teacher_server
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
     handler.mode = "error500"
-    client = TeacherClient(url, timeout=2, retries=2)
+    client = TeacherClient(url, model="tiny-teacher", timeout=2, retries=2)  # this server has no /v1/models
     with pytest.raises(TeacherUnavailable, match="HTTP 500"):
         client.ask("hello")
     assert len(handler.requests) == 3  # first try + 2 retries
     handler.mode = "garbage"
     with pytest.raises(TeacherUnavailable, match="not an OpenAI"):
-        TeacherClient(url, timeout=2, retries=0).ask("hello")
+        TeacherClient(url, model="tiny-teacher", timeout=2, retries=0).ask("hello")
 
 
 def test_timeout_is_short_and_reported():
