@@ -1,4 +1,4 @@
-"""``python -m memlm.apps.ltml {sleep,wake,log,stats,list,history,restore,reindex} --db PATH``."""
+"""``python -m memlm.apps.ltml {sleep,wake,log,stats,list,history,forget,restore,reindex} --db PATH``."""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     common(sp, True)
     sp.add_argument("--query", default=None)
     sp.add_argument("--budget", type=int, default=200)
-    sp.add_argument("--top-k", type=int, default=8)
+    sp.add_argument("--top-k", type=int, default=0, help="at most this many items (0: the budget decides)")
 
     sp = sub.add_parser("log", help="append one interaction to the log")
     common(sp)
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "list":
             sp.add_argument("--all", action="store_true", help="include superseded and archived memories")
     sp = sub.add_parser("history", help="change history of one memory")
+    common(sp)
+    sp.add_argument("id", type=int)
+    sp = sub.add_parser("forget", help="archive a memory now, with history (undo with restore)")
     common(sp)
     sp.add_argument("id", type=int)
     sp = sub.add_parser("restore", help="bring back an archived memory")
@@ -106,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "history":
             for hid, mid, action, detail, at in store.history(args.id):
                 print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(at))} {action} {json.dumps(detail)}")
+        elif args.cmd == "forget":
+            m = store.get(args.id)
+            if not m.active:
+                raise MemLMError(f"memory #{args.id} is not active; see `list --all` for its state")
+            store.forget(args.id, reason={"by": "cli"})
+            print(f"forgot #{args.id}: {m.text}")
         elif args.cmd == "restore":
             m = store.get(args.id)
             if not m.archived:

@@ -61,6 +61,10 @@ class SleepConfig:
     forget_threshold: float = 0.08
     #: None = the embedder's own duplicate threshold
     dup_threshold: float | None = None
+    #: a candidate worded as a correction ("actually", "now", "anymore") without a subject key
+    #: supersedes its nearest unkeyed memory about the same person when their cosine is at least
+    #: this (None = the duplicate threshold - 0.3): a similar slot, a different value
+    slot_threshold: float | None = None
     use_llm: bool = True
 
 
@@ -128,8 +132,29 @@ class _Active:
             self.mem[m.id] = m
 
 
-def _integrate(store: Store, active: _Active, c: Candidate, vec: np.ndarray, dup: float, run: int, stats: dict) -> None:
+def _supersede(store: Store, active: _Active, old: Memory, new_id: int, c: Candidate, run: int, stats: dict) -> None:
+    store.update_memory(old.id, superseded_by=new_id)
+    store.record(old.id, "supersede", {"by": new_id, "old": old.text, "new": c.text}, c.at, run)
+    active.remove(old.id)
+    stats["superseded"] += 1
+
+
+def _add(store: Store, c: Candidate, vec: np.ndarray, sim: float, prov: list[int], run: int, now: float,
+         subject: str | None, value: str | None) -> int:
+    return store.add_memory(
+        c.text, c.kind, vec, c.at, subject, value, novelty=1.0 - max(sim, 0.0), explicit=c.explicit,
+        provenance=prov, llm_importance=c.llm_importance, sleep_run=run, embed_text=c.embed_text,
+        memory_class=c.memory_class, expires_at=c.expires_at, person=c.person, dates=c.dates,
+        available_at=max(now, c.at),
+    )
+
+
+def _integrate(store: Store, active: _Active, c: Candidate, vec: np.ndarray, dup: float, run: int, stats: dict,
+               now: float = 0.0, slot: float | None = None) -> None:
     prov = [c.interaction_id] if c.interaction_id is not None else []
+    if c.kind == "forget":
+        _forget(store, active, c, vec, dup - 0.3 if slot is None else slot, run, stats)
+        return
     nearest, sim = active.nearest(vec)
     if c.subject:
         same = [active.mem[i] for i in active.ids if active.mem[i].subject == c.subject]
@@ -138,19 +163,13 @@ def _integrate(store: Store, active: _Active, c: Candidate, vec: np.ndarray, dup
                 _merge(store, active, m, c, vec, run)
                 stats["merged"] += 1
                 return
-        mid = store.add_memory(
-            c.text, c.kind, vec, c.at, c.subject, c.value, novelty=1.0 - max(sim, 0.0), explicit=c.explicit,
-            provenance=prov, llm_importance=c.llm_importance, sleep_run=run, embed_text=c.embed_text,
-        )
+        mid = _add(store, c, vec, sim, prov, run, now, c.subject, c.value)
         new = store.get(mid)
         stats["added"] += 1
         superseded_new = False
         for m in same:
             if c.at >= m.updated_at:  # the newer statement wins
-                store.update_memory(m.id, superseded_by=mid)
-                store.record(m.id, "supersede", {"by": mid, "old": m.text, "new": c.text}, c.at, run)
-                active.remove(m.id)
-                stats["superseded"] += 1
+                _supersede(store, active, m, mid, c, run, stats)
             elif not superseded_new:  # an older statement logged late: it is history at once
                 store.update_memory(mid, superseded_by=m.id)
                 store.record(mid, "supersede", {"by": m.id, "old": c.text, "new": m.text}, c.at, run)
@@ -167,15 +186,46 @@ def _integrate(store: Store, active: _Active, c: Candidate, vec: np.ndarray, dup
             _merge(store, active, m, c, vec, run)
             stats["merged"] += 1
             return
-    mid = store.add_memory(
-        c.text, c.kind, vec, c.at, None, None, novelty=1.0 - max(sim, 0.0), explicit=c.explicit, provenance=prov,
-        llm_importance=c.llm_importance, sleep_run=run, embed_text=c.embed_text,
-    )
-    active.add(store.get(mid))
+    mid = _add(store, c, vec, sim, prov, run, now, None, None)
     stats["added"] += 1
+    slot = dup - 0.3 if slot is None else slot
+    if c.corrects and c.kind == "fact" and c.memory_class != "temporary":
+        # a correction without a subject key: the most similar unkeyed fact about the same person
+        # (a similar slot) that is not a near-duplicate is the value it replaces
+        rivals = [(float(m.embedding @ vec), m) for m in active.mem.values()
+                  if m.subject is None and m.kind == "fact" and m.person == c.person
+                  and m.memory_class != "temporary" and m.updated_at <= c.at]
+        best = max(rivals, key=lambda r: r[0], default=None)
+        if best is not None and slot <= best[0] < dup:
+            _supersede(store, active, best[1], mid, c, run, stats)
+            store.bump_generation()
+    active.add(store.get(mid))
 
 
-_KIND_RANK = {"fact": 0, "preference": 1, "lesson": 2}
+def _forget(store: Store, active: _Active, c: Candidate, vec: np.ndarray, slot: float, run: int, stats: dict) -> None:
+    """Archive what the user asked to forget: the memories of the same slot and value when the request names
+    one ("forget that I live in Leeds" leaves a newer home alone), else the most similar memory when it is at
+    least as close as a correction must be. Protected classes too: this is how they leave."""
+    if c.subject:
+        targets = [m for m in active.mem.values() if m.subject == c.subject
+                   and (c.value is None or norm_value(m.value) == norm_value(c.value))]
+    else:
+        targets = []
+    if not targets:
+        nearest, sim = active.nearest(vec)
+        targets = [active.mem[nearest]] if nearest is not None and sim >= slot else []
+    for m in targets:
+        if m.updated_at > c.at:
+            continue  # stated again after the request: the newer statement stands
+        store.forget(m.id, c.at, {"request": c.text, "interaction": c.interaction_id, "text": m.text}, run)
+        active.remove(m.id)
+        stats["forgotten"] = stats.get("forgotten", 0) + 1
+
+
+_KIND_RANK = {"fact": 0, "preference": 1, "lesson": 2, "instruction": 3}
+#: restating a temporary thing as lasting, or an ordinary one as identity, upgrades it (never the reverse)
+_CLASS_RANK = {"temporary": 0, "ordinary": 1, "identity": 2, "instruction": 3}
+PROTECTED = ("identity", "instruction")
 
 
 def _merge(store: Store, active: _Active, m: Memory, c: Candidate, vec: np.ndarray, run: int) -> None:
@@ -190,6 +240,10 @@ def _merge(store: Store, active: _Active, m: Memory, c: Candidate, vec: np.ndarr
         fields["llm_importance"] = max(c.llm_importance, m.llm_importance or 0.0)
     if _KIND_RANK.get(c.kind, 0) > _KIND_RANK.get(m.kind, 0):
         fields["kind"] = c.kind
+    if _CLASS_RANK.get(c.memory_class, 0) > _CLASS_RANK.get(m.memory_class, 0):
+        fields["memory_class"] = c.memory_class
+    if m.memory_class == "temporary" and c.expires_at is not None:
+        fields["expires_at"] = max(c.expires_at, m.expires_at or 0.0)
     reworded = c.at >= m.updated_at and c.text != m.text
     if reworded:  # the newer wording of the same statement wins; the old one stays in history
         fields.update(text=c.text, embedding=vec, embed_text=c.embed_text, value=c.value if c.value is not None else m.value)
@@ -201,7 +255,9 @@ def _merge(store: Store, active: _Active, m: Memory, c: Candidate, vec: np.ndarr
 
 
 def importance_and_strength(m: Memory, now: float, cfg: SleepConfig) -> tuple[float, float]:
-    last = max(m.updated_at, m.last_accessed or 0.0)
+    # decay counts from when the memory was last stated, used, or first became usable (the
+    # sleep that found it): a backlog consolidated late starts fresh instead of already old
+    last = max(m.updated_at, m.last_accessed or 0.0, m.available_at or 0.0)
     age_days = max(0.0, now - last) / DAY
     recency = 0.5 ** (age_days / cfg.recency_half_life_days)
     uses = (m.mention_count - 1) + 0.5 * m.access_count
@@ -211,7 +267,7 @@ def importance_and_strength(m: Memory, now: float, cfg: SleepConfig) -> tuple[fl
         + cfg.w_frequency * frequency
         + cfg.w_novelty * min(1.0, max(0.0, m.novelty))
         + cfg.w_explicit * float(m.explicit)
-        + cfg.w_structured * float(m.subject is not None or m.kind == "lesson")
+        + cfg.w_structured * float(m.subject is not None or m.kind in ("lesson", "instruction"))
     )
     importance = base if m.llm_importance is None else (1 - cfg.w_llm) * base + cfg.w_llm * m.llm_importance
     half_life = cfg.retention_half_life_days * (1.0 + math.log1p(m.mention_count - 1 + m.access_count))
@@ -225,7 +281,12 @@ def rescore_and_forget(store: Store, now: float, cfg: SleepConfig, run: int | No
         for m in store.memories(active_only=True, with_embeddings=False):
             imp, strength = importance_and_strength(m, now, cfg)
             store.update_memory(m.id, importance=imp, strength=strength)
-            if strength < cfg.forget_threshold and not m.explicit:
+            if m.memory_class == "temporary" and m.expires_at is not None and m.expires_at <= now:
+                store.update_memory(m.id, archived=1)
+                store.record(m.id, "expire", {"expires_at": m.expires_at}, now, run)
+                archived += 1
+            elif strength < cfg.forget_threshold and not m.explicit and m.memory_class not in PROTECTED:
+                # identity facts and standing instructions only leave through a newer value or a forget
                 store.update_memory(m.id, archived=1)
                 store.record(m.id, "archive", {"strength": round(strength, 4), "importance": round(imp, 4)}, now, run)
                 archived += 1
@@ -250,7 +311,8 @@ def sleep(
     dup = cfg.dup_threshold if cfg.dup_threshold is not None else embedder.dup_threshold
     pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
     stats = {"run": run, "resumed": resumed, "now": now, "embedder": embedder.name, "interactions": 0,
-             "candidates": 0, "added": 0, "merged": 0, "superseded": 0, "llm_batches": 0, "rule_batches": 0}
+             "candidates": 0, "added": 0, "merged": 0, "superseded": 0, "forgotten": 0, "llm_batches": 0,
+             "rule_batches": 0}
     say(f"ltml sleep: run {run}{' (resumed)' if resumed else ''}, embedder {embedder.name}")
     while True:
         batch = store.pending_interactions(cfg.batch_size)
@@ -260,7 +322,7 @@ def sleep(
         llm_cands = None
         if backend is not None and cfg.use_llm:
             try:
-                llm_cands = extract_llm([(r[2], r[3]) for r in batch], backend)
+                llm_cands = extract_llm([(r[2], r[3], r[4]) for r in batch], backend)
             except Exception as exc:  # a flaky backend must not stop consolidation
                 say(f"ltml sleep: LLM extraction failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); using rules")
         if llm_cands is not None:
@@ -269,11 +331,18 @@ def sleep(
             for cand in llm_cands:  # provenance: the message the LLM cites, else the batch's last user message
                 row = batch[cand.source] if cand.source is not None and 0 <= cand.source < len(batch) else last_user[-1]
                 cand.interaction_id, cand.at = row[0], row[4]
+                if cand.expires_days is not None:
+                    cand.expires_at = cand.at + cand.expires_days * DAY
             cands = sorted(llm_cands, key=lambda c: c.at)  # older statements first, so newer ones supersede them
         else:
             stats["rule_batches"] += 1
-            for iid, _sid, role, content, at in batch:
-                for cand in extract_rules(content, role):
+            said: dict = {}  # the user's last message per session in this batch: whose name "What's her name?" asks
+            for iid, sid, role, content, at in batch:
+                prev = store.preceding_assistant(iid) if role == "user" else None
+                context = said.get(sid, "")
+                if role == "user":
+                    said[sid] = content
+                for cand in extract_rules(content, role, prev_assistant=prev, at=at, context=context):
                     cand.interaction_id, cand.at = iid, at
                     cands.append(cand)
         vecs = embedder.encode([c.embed_text or c.text for c in cands]) if cands else np.zeros((0, 1), np.float32)
@@ -285,7 +354,7 @@ def sleep(
             active = _Active(store)
             for cand, vec in zip(cands, vecs):
                 if cand.interaction_id is None or cand.interaction_id in still:
-                    _integrate(store, active, cand, vec, dup, run, stats)
+                    _integrate(store, active, cand, vec, dup, run, stats, now, cfg.slot_threshold)
             conn.executemany("UPDATE interactions SET consolidated=1 WHERE id=?", [(i,) for i in still])
             conn.execute("UPDATE sleep_runs SET phase='extract' WHERE id=?", (run,))
         stats["interactions"] += len(batch)

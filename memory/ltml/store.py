@@ -35,7 +35,9 @@ import numpy as np
 
 from memlm.core.errors import MemLMError
 
-KINDS = ("fact", "preference", "lesson")
+KINDS = ("fact", "preference", "lesson", "instruction")
+#: identity facts and standing instructions are protected from decay; temporary states expire
+CLASSES = ("identity", "instruction", "temporary", "ordinary")
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,8 +105,27 @@ _V3 = """
 ALTER TABLE memories ADD COLUMN embed_text TEXT;
 """
 
+# v4: importance classes (identity / instruction / temporary / ordinary) that decay differently,
+# expiry for temporary states, the person a fact is about, absolute dates beside relative words,
+# ``available_at`` (when sleep made the memory usable: decay never counts time before it), and
+# embeddings of the raw episodes so wake can search the log itself beside the memories.
+_V4 = """
+ALTER TABLE memories ADD COLUMN memory_class TEXT NOT NULL DEFAULT 'ordinary';
+ALTER TABLE memories ADD COLUMN expires_at REAL;
+ALTER TABLE memories ADD COLUMN person TEXT;
+ALTER TABLE memories ADD COLUMN dates TEXT;
+ALTER TABLE memories ADD COLUMN available_at REAL;
+CREATE TABLE IF NOT EXISTS episode_vectors (
+    interaction_id INTEGER NOT NULL REFERENCES interactions(id),
+    embedder TEXT NOT NULL,
+    embed_text TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    PRIMARY KEY (interaction_id, embedder)
+);
+"""
+
 #: schema version -> SQL that upgrades from the previous version
-MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3}
+MIGRATIONS: dict[int, str] = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -130,6 +151,11 @@ class Memory:
     llm_importance: float | None
     embedding: np.ndarray | None = field(default=None, repr=False)
     embed_text: str | None = None  # the text the embedding was computed from (None = text)
+    memory_class: str = "ordinary"
+    expires_at: float | None = None
+    person: str | None = None  # who the fact is about, when not the user ("sister")
+    dates: str | None = None  # absolute ISO dates resolved from relative words, comma-separated
+    available_at: float | None = None
 
     @property
     def active(self) -> bool:
@@ -138,7 +164,8 @@ class Memory:
 
 _MEM_COLS = (
     "id, text, kind, subject, value, importance, novelty, explicit, mention_count, access_count, "
-    "created_at, updated_at, last_accessed, provenance, superseded_by, archived, strength, llm_importance, embedding, embed_text"
+    "created_at, updated_at, last_accessed, provenance, superseded_by, archived, strength, llm_importance, embedding, embed_text, "
+    "memory_class, expires_at, person, dates, available_at"
 )
 
 
@@ -149,6 +176,7 @@ def _row_to_memory(r: tuple) -> Memory:
         explicit=bool(r[7]), mention_count=int(r[8]), access_count=int(r[9]), created_at=float(r[10]),
         updated_at=float(r[11]), last_accessed=r[12], provenance=json.loads(r[13]), superseded_by=r[14],
         archived=bool(r[15]), strength=float(r[16]), llm_importance=r[17], embedding=emb, embed_text=r[19],
+        memory_class=r[20] or "ordinary", expires_at=r[21], person=r[22], dates=r[23], available_at=r[24],
     )
 
 
@@ -348,15 +376,23 @@ class Store:
         llm_importance: float | None = None,
         sleep_run: int | None = None,
         embed_text: str | None = None,
+        memory_class: str = "ordinary",
+        expires_at: float | None = None,
+        person: str | None = None,
+        dates: str | None = None,
+        available_at: float | None = None,
     ) -> int:
         if kind not in KINDS:
             kind = "fact"
+        if memory_class not in CLASSES:
+            memory_class = "ordinary"
         with self.transaction() as c:
             cur = c.execute(
                 "INSERT INTO memories(text, kind, subject, value, novelty, explicit, created_at, updated_at, provenance, "
-                "embedding, llm_importance, embed_text) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                "embedding, llm_importance, embed_text, memory_class, expires_at, person, dates, available_at) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (text, kind, subject, value, float(novelty), int(explicit), at, at, json.dumps(sorted(set(provenance))),
-                 _blob(embedding), llm_importance, embed_text),
+                 _blob(embedding), llm_importance, embed_text, memory_class, expires_at, person, dates, available_at),
             )
             mid = int(cur.lastrowid)
             self.record(mid, "add", {"text": text, "kind": kind, "subject": subject}, at, sleep_run)
@@ -394,6 +430,51 @@ class Store:
             c.executemany(
                 "UPDATE memories SET access_count=access_count+1, last_accessed=? WHERE id=?", [(at, i) for i in ids]
             )
+
+    # -- episode vectors (wake searches the raw log beside the memories) ----------------
+    def user_episodes(self) -> list[tuple[int, int, str, float, str | None]]:
+        """Every user message with the message just before it in its session when that is the
+        assistant's: (id, session_id, content, created_at, preceding assistant text or None)."""
+        with self._lock:
+            return self.conn.execute(
+                "SELECT u.id, u.session_id, u.content, u.created_at, "
+                "(SELECT CASE WHEN a.role='assistant' THEN a.content END FROM interactions a "
+                " WHERE a.session_id IS u.session_id AND a.id < u.id ORDER BY a.id DESC LIMIT 1) "
+                "FROM interactions u WHERE u.role='user' ORDER BY u.id"
+            ).fetchall()
+
+    def preceding_assistant(self, interaction_id: int) -> str | None:
+        """The assistant message just before ``interaction_id`` in its session (what a short answer answers)."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT a.role, a.content FROM interactions a JOIN interactions u ON u.id=? "
+                "WHERE a.session_id IS u.session_id AND a.id < u.id ORDER BY a.id DESC LIMIT 1", (interaction_id,)
+            ).fetchone()
+        return row[1] if row and row[0] == "assistant" else None
+
+    def episode_vectors(self, embedder: str) -> dict[int, np.ndarray]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT interaction_id, embedding FROM episode_vectors WHERE embedder=?", (embedder,)).fetchall()
+        return {int(i): np.frombuffer(b, dtype=np.float32) for i, b in rows}
+
+    def put_episode_vectors(self, embedder: str, rows: Iterable[tuple[int, str, np.ndarray]]) -> None:
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO episode_vectors(interaction_id, embedder, embed_text, embedding) VALUES(?,?,?,?)",
+                [(int(i), embedder, t, _blob(v)) for i, t, v in rows],
+            )
+
+    def forget(self, memory_id: int, at: float | None = None, reason: dict | None = None,
+               sleep_run: int | None = None) -> None:
+        """Archive a memory because the user asked (restorable with :meth:`restore`; the history keeps why).
+
+        The only way besides a newer value that a protected memory (identity, instruction) leaves."""
+        at = at or time.time()
+        with self.transaction():
+            self.update_memory(memory_id, archived=1)
+            self.record(memory_id, "forget", reason or {}, at, sleep_run)
+            self.bump_generation()
 
     def restore(self, memory_id: int, at: float | None = None) -> None:
         """Bring an archived (forgotten) memory back."""

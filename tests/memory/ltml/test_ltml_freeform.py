@@ -7,7 +7,7 @@ import pytest
 from ltml_helpers import DAY, T0, log_session
 
 from memlm.memory.ltml.classify import (
-    CHATTER, HYPOTHETICAL, INSTRUCTION, OTHER_FACT, REQUEST, TEMPORARY, USER_FACT, classify,
+    CHATTER, HYPOTHETICAL, OTHER_FACT, REQUEST, TEMPORARY, USER_FACT, classify,
 )
 from memlm.memory.ltml.dates import annotate, resolve
 from memlm.memory.ltml.embeddings import HashEmbedder
@@ -162,8 +162,9 @@ def test_relative_times_are_resolved_against_the_session_date():
                    "next Monday": "2023-11-20", "tomorrow": "2023-11-15"}
     text, dates = annotate("We ran the half marathon last Sunday.", at)
     assert text == "We ran the half marathon last Sunday (= 2023-11-12)." and dates == "2023-11-12"
-    (c,) = extract_rules("Our dog Pilot turned five yesterday.", at=at)
+    c, name = extract_rules("Our dog Pilot turned five yesterday.", at=at)  # the event, and the dog's name
     assert "yesterday (= 2023-11-13)" in c.text and c.dates == "2023-11-13"
+    assert (name.subject, name.value, name.memory_class) == ("user.dog.name", "Pilot", "identity")
 
 
 # -- decay: protected classes, backlog --------------------------------------------------------
@@ -245,3 +246,69 @@ def test_a_database_from_the_previous_schema_opens_and_gains_the_new_fields(tmp_
         assert s.conn.execute("SELECT COUNT(*) FROM episode_vectors").fetchone() == (0,)
         sleep(s, HashEmbedder(), now=T0)  # and it works: the old log is consolidated and searchable
         assert "Oslo" in wake(s, HashEmbedder(), "where do I live?", now=T0, touch=False).text
+
+
+# -- names in passing and explicit forgetting (issue 15, second pass) ---------------------------
+@pytest.mark.parametrize("text, key, name", [
+    ("My husband Tom and I went to the coast.", "user.husband", "Tom"),  # a co-agent, not the husband's fact
+    ("my wife Priya works nights at the hospital", "user.wife", "Priya"),  # her fact, his family
+    ("We adopted a whippet, Juno, last month.", "user.whippet.name", "Juno"),
+    ("Can you find a gift for my brother Sam?", "user.brother", "Sam"),  # a request still names him
+])
+def test_a_name_given_in_passing_is_its_own_identity_memory(text, key, name):
+    names = [c for c in extract_rules(text, at=T0) if c.subject == key]
+    assert [(c.value, c.memory_class) for c in names] == [(name, "identity")]
+    assert not [c for c in extract_rules(text, at=T0) if "gift" in c.text]  # the request itself is no memory
+    (c,) = [c for c in extract_rules("My husband Tom and I went to the coast.", at=T0) if c.subject is None]
+    assert c.person is None and "My husband Tom and I went" in c.text
+
+
+def test_a_one_word_name_answering_whats_her_name_is_keyed_by_whom_the_user_mentioned(tmp_path):
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    _convo(s, [("user", "We finally got a kitten!"), ("assistant", "How lovely! What's her name?"), ("user", "Mochi")], 0)
+    sleep(s, emb, now=T0 + DAY)
+    (m,) = s.by_subject("user.kitten.name")
+    assert m.value == "Mochi" and m.memory_class == "identity"
+    (c,) = extract_rules("Biscuit", prev_assistant="What's his name?", at=T0)  # nobody to attach it to
+    assert c.subject is None and c.memory_class == "identity"
+    sleep(s, emb, now=T0 + 401 * DAY)
+    assert "Mochi" in " ".join(m.text for m in s.memories())
+    s.close()
+
+
+def test_forget_archives_the_matching_memory_with_history_even_when_protected(tmp_path):
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["I live in Leeds.", "I'm allergic to peanuts.", "My partner is called Idris."], day=0)
+    sleep(s, emb, now=T0 + DAY)
+    log_session(s, ["Actually I live in York now."], day=2)
+    log_session(s, ["Forget that I live in Leeds.", "please forget that I'm allergic to peanuts"], day=3)
+    stats = sleep(s, emb, now=T0 + 4 * DAY)
+    kept = " ".join(m.text for m in s.memories())
+    assert stats["forgotten"] == 1 and "peanuts" not in kept  # Leeds was already history: York stays
+    assert "York" in kept and "Idris" in kept
+    (gone,) = [m for m in s.memories(active_only=False) if "peanuts" in m.text]
+    assert gone.archived and [a for _h, mid, a, _d, _t in s.history(gone.id)][-1] == "forget"
+    s.restore(gone.id)
+    assert "peanuts" in " ".join(m.text for m in s.memories())
+    assert all(c.kind != "forget" for c in extract_rules("forget it, never mind"))  # nothing named to forget
+    s.close()
+
+
+def test_ltml_forget_command_archives_by_id_and_rejects_inactive(tmp_path, capsys):
+    from memlm.apps.ltml import main
+    from memlm.core.errors import MemLMError
+
+    db = tmp_path / "m.sqlite"
+    s = Store(db)
+    log_session(s, ["I'm allergic to sesame."], day=0)
+    sleep(s, HashEmbedder(), now=T0 + DAY)
+    (m,) = s.memories()
+    s.close()
+    assert main(["forget", "--db", str(db), str(m.id)]) == 0
+    assert "forgot" in capsys.readouterr().out
+    with Store(db) as s2:
+        assert s2.memories() == [] and s2.history(m.id)[-1][2] == "forget"
+    with pytest.raises(MemLMError, match="not active"):  # run_main prints it as one line and exits 2
+        main(["forget", "--db", str(db), str(m.id)])

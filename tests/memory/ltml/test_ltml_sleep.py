@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[3]
         ("I moved to Berlin last month.", [("The user lives in Berlin.", "fact", "user.home", "Berlin")]),
         ("I have a dog named Rex.", [("The user has a dog named Rex.", "fact", "user.dog.name", "Rex")]),
         ("I can't stand olives.", [("The user dislikes olives.", "preference", "user.likes.olives", "dislike")]),
-        ("Next time, always answer in French.", [("Lesson: Next time, always answer in French.", "lesson", None, None)]),
+        # a standing instruction, not a lesson: lessons come only from feedback on an answer
+        ("Next time, always answer in French.",
+         [("Instruction from the user: Next time, always answer in French.", "instruction", None, None)]),
     ],
 )
 def test_rule_extraction(text, expected):
@@ -117,8 +119,9 @@ def test_forgetting_archives_old_unused_memories_never_deletes(tmp_path):
     log_session(s, ["I spent a rainy afternoon sorting my grandfather's stamp collection.",
                     "I bought a second hand trombone at the flea market.",
                     "Remember that my passport number ends in 4471."], day=0)
+    sleep(s, emb, now=T0 + 1 * DAY)  # the memories become usable on day 1 ...
     log_session(s, ["I finally repaired the squeaky garden gate hinges."], day=200)
-    sleep(s, emb, now=T0 + 201 * DAY)
+    sleep(s, emb, now=T0 + 201 * DAY)  # ... and nobody used them for 200 days
     active = [m.text for m in s.memories()]
     assert any("garden gate" in t for t in active)  # recent
     assert any("4471" in t for t in active)  # explicit memories are never forgotten
@@ -135,6 +138,20 @@ def test_forgetting_archives_old_unused_memories_never_deletes(tmp_path):
         s2.note_access([stamp.id], at=T0 + 2 * DAY)
     sleep(s2, emb, now=T0 + 201 * DAY)
     assert [m.text for m in s2.memories()] == [stamp.text]
+
+
+def test_one_late_sleep_over_a_backlog_archives_nothing_it_just_found(tmp_path):
+    """Decay counts from when a memory became usable: the first sleep, 200 days late, forgets nothing."""
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["I bought a second hand trombone at the flea market.", "I'm allergic to penicillin.",
+                    "Please never use bullet points in your answers."], day=0)
+    sleep(s, emb, now=T0 + 200 * DAY)
+    assert len(s.memories()) == 3 and not [m for m in s.memories(active_only=False) if m.archived]
+    # a year later with no use: the ordinary memory goes, the allergy and the instruction are protected
+    sleep(s, emb, now=T0 + 600 * DAY)
+    assert {m.memory_class for m in s.memories()} == {"identity", "instruction"}
+    assert any("penicillin" in m.text for m in s.memories()) and any("bullet" in m.text for m in s.memories())
 
 
 def _snapshot(store):

@@ -125,7 +125,8 @@ def test_command_line_tools(tmp_path, capsys):
     main(["history", "--db", db, "1"])
     assert "supersede" in capsys.readouterr().out
     main(["wake", "--db", db, "--embedder", "hash", "--query", "where do I live?"])
-    assert "- The user lives in Bergen." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "- (2023-11-16) The user lives in Bergen." in out and "Oslo" not in out  # dated; the stale episode hidden
     main(["stats", "--db", db])
     assert '"superseded_memories": 1' in capsys.readouterr().out
     with pytest.raises(MemLMError, match="not archived"):

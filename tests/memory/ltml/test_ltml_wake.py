@@ -40,21 +40,40 @@ def test_the_relevant_current_fact_ranks_first_and_stale_facts_never_appear(slep
     assert "Oslo" not in texts and "green" not in texts  # superseded
 
 
-def test_score_combines_relevance_importance_and_recency(slept, minilm):
-    cfg = WakeConfig()
-    for it in rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, config=cfg):
-        total = cfg.w_relevance + cfg.w_importance + cfg.w_recency
-        want = (cfg.w_relevance * it.relevance + cfg.w_importance * it.importance + cfg.w_recency * it.recency) / total
-        assert it.score == pytest.approx(want)
-        assert 0 <= it.relevance <= 1 and 0 <= it.recency <= 1
-    # recency: the same memory scores lower a month later
-    now_score = rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)[0].score
-    later = rank(slept, minilm, "Where do I live?", now=T0 + 36 * DAY)[0].score
-    assert later < now_score
-    # no query (session start): importance and recency decide, every active memory is a candidate
+def test_ranking_fuses_cosine_and_bm25_by_reciprocal_rank(slept, minilm):
+    cfg = WakeConfig(episodes=False)  # memories only, so positions are not shared with the episodes they came from
+    ranked = rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, config=cfg)
+    cos_order = sorted(ranked, key=lambda it: -it.cosine)
+    bm_order = sorted([it for it in ranked if it.bm25 > 0], key=lambda it: -it.bm25)
+    for it in ranked:  # score = sum over the two rankings of 1 / (rrf_k + position)
+        want = 0.0
+        if it.cosine >= cfg.min_relevance:
+            want += 1 / (cfg.rrf_k + 1 + cos_order.index(it))
+        if it.bm25 > 0:
+            want += 1 / (cfg.rrf_k + 1 + bm_order.index(it))
+        assert it.score == pytest.approx(want, rel=1e-5)
+    assert [it.score for it in ranked] == sorted((it.score for it in ranked), reverse=True)
+    # no query (session start): every active memory, instructions and identity facts first
     start = rank(slept, minilm, None, now=T0 + 6 * DAY)
     assert len(start) == len(slept.memories()) and all(it.relevance == 0 for it in start)
-    assert [it.score for it in start] == sorted((it.score for it in start), reverse=True)
+    classes = [it.memory.memory_class for it in start]
+    assert classes == sorted(classes, key=lambda c: {"instruction": 0, "identity": 1}.get(c, 2))
+
+
+def test_often_used_memories_never_outrank_a_more_relevant_one(tmp_path):
+    """A memory injected on many turns keeps its place: use only breaks ties."""
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["I'm always here for you, said my old diary.", "My bicycle is a green Dutch roadster."], day=0)
+    sleep(s, emb, now=T0 + DAY)
+    diary = next(m for m in s.memories() if "diary" in m.text)
+    for _ in range(50):
+        s.note_access([diary.id], at=T0 + 2 * DAY)
+    sleep(s, emb, now=T0 + 2 * DAY)
+    assert s.get(diary.id).importance > next(m for m in s.memories() if "bicycle" in m.text).importance
+    ranked = rank(s, emb, "what kind of bicycle do I ride?", now=T0 + 2 * DAY)
+    assert "bicycle" in ranked[0].memory.text
+    s.close()
 
 
 def test_injection_respects_the_token_budget_with_any_counter(slept, minilm):
@@ -74,7 +93,7 @@ def test_explain_says_what_and_why_and_use_is_counted(slept, minilm):
     inj = wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, touch=False)
     text = inj.explain()
     assert "Bergen" in text and "relevance" in text and "importance" in text and "recency" in text
-    assert inj.text.startswith("Memories of this user") and "- The user lives in Bergen." in inj.text
+    assert inj.text.startswith("Memories of this user") and "- (2023-11-19) The user lives in Bergen." in inj.text
     mid = inj.items[0].memory.id
     assert slept.get(mid).access_count == 0
     wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)
@@ -167,8 +186,13 @@ def test_core_memories_ride_along_with_every_turn(tmp_path):
     for day in (1, 2, 3):
         log_session(s, ["I have a parrot named Kiwi."], day=day)
     sleep(s, emb, now=T0 + 4 * DAY)
+    # a standing instruction goes in first on every turn, whatever the question
     with_core = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=2), now=T0 + 4 * DAY, touch=False)
-    assert "French" in with_core.text and "Kiwi" in with_core.text
+    assert "French" in with_core.items[0].memory.text and "Kiwi" in with_core.items[1].memory.text
+    # without it, ranking is by relevance alone: the parrot first, the instruction only if the budget has room
     without = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=0), now=T0 + 4 * DAY, touch=False)
-    assert "French" not in without.text and "Kiwi" in without.text
+    assert "Kiwi" in without.items[0].memory.text
+    tight = wake(s, emb, "what is my parrot called?", WakeConfig(core_k=0, budget_tokens=35), now=T0 + 4 * DAY,
+                 touch=False)
+    assert "French" not in tight.text and "Kiwi" in tight.text
     s.close()
