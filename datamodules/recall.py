@@ -35,6 +35,9 @@ from memlm.core.errors import MemLMError
 
 IGNORE = -100
 FILLER_TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# ``filler: small``: a 3-character filler sharing no character with the key sentence or the question,
+# so no filler context resembles "pass key is" and a content-keyed memory can learn to ignore it early
+SMALL_FILLER = "~-="
 PASSKEY_SENTENCE = " The pass key is {k}. Remember it. {k} is the pass key. "
 PASSKEY_QUESTION = " What is the pass key? The pass key is "
 
@@ -75,7 +78,26 @@ def make_mqar(
     return x, y
 
 
-def passkey_texts(rng: np.random.Generator, n: int, length: int, max_key: int, depths: np.ndarray | None = None):
+def curriculum_length(step: int, total_steps: int, lengths: list[int], final_fraction: float = 0.5) -> int:
+    """Training length at ``step`` of a curriculum that walks ``lengths`` (short first).
+
+    The last length gets the final ``final_fraction`` of the steps; the earlier lengths share the rest
+    equally. Short sequences put each answer close to its key, so the copy is learned before it must
+    bridge the full distance.
+    """
+    if not lengths:
+        raise MemLMError("a curriculum needs at least one length")
+    if len(lengths) == 1:
+        return int(lengths[0])
+    start_final = int(round(total_steps * (1.0 - final_fraction)))
+    if step >= start_final:
+        return int(lengths[-1])
+    stage = step * (len(lengths) - 1) // max(1, start_final)
+    return int(lengths[min(stage, len(lengths) - 2)])
+
+
+def passkey_texts(rng: np.random.Generator, n: int, length: int, max_key: int, depths: np.ndarray | None = None,
+                  filler_text: str = FILLER_TEXT):
     """``n`` passkey documents of exactly ``length + 1`` characters: (texts, answer start index, keys)."""
     texts, starts, keys = [], [], []
     for i in range(n):
@@ -86,7 +108,7 @@ def passkey_texts(rng: np.random.Generator, n: int, length: int, max_key: int, d
         if n_fill < 0:
             raise MemLMError(f"passkey length {length} is too short; use at least {fixed} characters")
         depth = float(depths[i]) if depths is not None else float(rng.random())
-        filler = (FILLER_TEXT * (n_fill // len(FILLER_TEXT) + 1))[:n_fill]
+        filler = (filler_text * (n_fill // len(filler_text) + 1))[:n_fill]
         cut = int(round(depth * n_fill))
         text = filler[:cut] + sentence + filler[cut:] + PASSKEY_QUESTION + k
         texts.append(text)
@@ -98,11 +120,12 @@ def passkey_texts(rng: np.random.Generator, n: int, length: int, max_key: int, d
 class _RecallLoader(ResumableLoader):
     """Batches of whole sequences, or (``chunk``) consecutive chunks of each group of sequences."""
 
-    def __init__(self, make_rows, n_rows: int, length: int, batch_size: int, chunk: int | None, epoch_fn=None,
+    def __init__(self, make_rows, n_rows: int, length, batch_size: int, chunk: int | None, epoch_fn=None,
                  fixed: bool = False):
         super().__init__(epoch_fn)
         self.make_rows, self.n_rows, self.batch_size, self.chunk = make_rows, n_rows, batch_size, chunk
-        self.n_chunks = length // chunk if chunk else 1
+        # ``length`` is an int, or a function of the epoch (a length curriculum)
+        self.length_fn = length if callable(length) else (lambda _epoch: length)
         self.fixed = fixed
         self._cache_epoch, self._cache = None, None
 
@@ -116,12 +139,15 @@ class _RecallLoader(ResumableLoader):
     def _groups(self) -> int:
         return (self.n_rows + self.batch_size - 1) // self.batch_size
 
+    def n_chunks(self, epoch: int) -> int:
+        return self.length_fn(epoch) // self.chunk if self.chunk else 1
+
     def num_batches(self) -> int:
-        return self._groups() * self.n_chunks
+        return self._groups() * self.n_chunks(int(self.epoch_fn()))
 
     def make_batch(self, epoch: int, index: int) -> dict:
         x, y = self._rows(epoch)
-        group, c = divmod(index, self.n_chunks)
+        group, c = divmod(index, self.n_chunks(epoch))
         rows = slice(group * self.batch_size, (group + 1) * self.batch_size)
         if self.chunk is None:
             return {"input_ids": torch.from_numpy(x[rows]), "targets": torch.from_numpy(y[rows])}
@@ -149,6 +175,11 @@ class RecallDataModule(L.LightningDataModule):
             ``max(1, batch_size * seq_len // length)`` sequences.
         stream_chunk: deliver sequences as consecutive chunks of this many tokens (stateful models).
         seed: everything is a function of it.
+        filler: passkey filler, ``text`` (English sentences) or ``small`` (3 characters that never
+            occur in the key sentence: learnable in a few hundred steps).
+        curriculum: shorter training lengths used first, one per epoch (epoch e trains at
+            ``curriculum[e]``, then at ``seq_len``); each must be at most ``seq_len``. Set
+            ``trainer.reload_dataloaders_every_n_epochs: 1`` so Lightning re-reads the batch count.
     """
 
     def __init__(
@@ -165,6 +196,8 @@ class RecallDataModule(L.LightningDataModule):
         batch_size: int = 32,
         stream_chunk: int | None = None,
         seed: int = 1234,
+        filler: Literal["text", "small"] = "text",
+        curriculum: list[int] | None = None,
     ) -> None:
         super().__init__()
         if task not in ("mqar", "passkey"):
@@ -182,6 +215,14 @@ class RecallDataModule(L.LightningDataModule):
             bad = [n for n in self.eval_lengths if n % stream_chunk]
             if stream_chunk < 1 or bad:
                 raise MemLMError(f"data.stream_chunk ({stream_chunk}) must divide every length; {bad} do not")
+        if filler not in ("text", "small"):
+            raise MemLMError(f"unknown data.filler {filler!r}: use text or small")
+        self.curriculum = [int(n) for n in (curriculum or [])]
+        for n in self.curriculum:
+            if n < 1 or n > seq_len or (stream_chunk and n % stream_chunk):
+                raise MemLMError(f"data.curriculum length {n} must be in 1..seq_len ({seq_len})"
+                                 + (f" and a multiple of stream_chunk ({stream_chunk})" if stream_chunk else ""))
+        self.filler = filler
         self.task, self.seq_len = task, int(seq_len)
         self.num_kv_pairs, self.num_keys, self.num_values, self.max_key = num_kv_pairs, num_keys, num_values, max_key
         self.num_train, self.num_val, self.batch_size = num_train, num_val, batch_size
@@ -194,7 +235,7 @@ class RecallDataModule(L.LightningDataModule):
     # -- tokenizer ----------------------------------------------------------------------
     def _build_tokenizer(self) -> TextTokenizer:
         if self.task == "passkey":
-            alphabet = FILLER_TEXT + PASSKEY_SENTENCE + PASSKEY_QUESTION + "0123456789"
+            alphabet = self.filler_text + PASSKEY_SENTENCE + PASSKEY_QUESTION + "0123456789"
             return build_tokenizer("char", [alphabet])
         vocab = {s: i for i, s in enumerate(SPECIALS)}
         for t in mqar_tokens(self.num_keys, self.num_values):
@@ -203,6 +244,14 @@ class RecallDataModule(L.LightningDataModule):
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.add_special_tokens(SPECIALS)
         return TextTokenizer(tok, kind="word")
+
+    @property
+    def filler_text(self) -> str:
+        return SMALL_FILLER if self.filler == "small" else FILLER_TEXT
+
+    def train_length(self, epoch: int) -> int:
+        """The curriculum's training length for ``epoch`` (``seq_len`` once the curriculum is over)."""
+        return self.curriculum[epoch] if epoch < len(self.curriculum) else self.seq_len
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -218,7 +267,7 @@ class RecallDataModule(L.LightningDataModule):
         if self.task == "mqar":
             offset = len(SPECIALS)
             return make_mqar(rng, n, length, self.num_kv_pairs, self.num_keys, self.num_values, offset)
-        texts, starts, _ = passkey_texts(rng, n, length, self.max_key, depths)
+        texts, starts, _ = passkey_texts(rng, n, length, self.max_key, depths, self.filler_text)
         ids = np.asarray(self._tokenizer.encode_batch(texts), dtype=np.int64)
         x, y = ids[:, :-1], np.full((n, length), IGNORE, dtype=np.int64)
         for i, s in enumerate(starts):
@@ -234,9 +283,9 @@ class RecallDataModule(L.LightningDataModule):
         n = max(1, self.num_train // world)
 
         def rows(epoch: int):
-            return self.make(np.random.default_rng([self.seed, 1, epoch, rank]), n, self.seq_len)
+            return self.make(np.random.default_rng([self.seed, 1, epoch, rank]), n, self.train_length(epoch))
 
-        return _RecallLoader(rows, n, self.seq_len, self.batch_size, self.stream_chunk, self._epoch_fn())
+        return _RecallLoader(rows, n, self.train_length, self.batch_size, self.stream_chunk, self._epoch_fn())
 
     def _epoch_fn(self):
         return lambda: self.trainer.current_epoch if self.trainer is not None else 0

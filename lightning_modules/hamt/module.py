@@ -47,6 +47,7 @@ class HAMTLanguageModel(LanguageModel):
         reset_on_eos: bool = True,
         carry_state: bool = True,
         compile_scan: bool = False,
+        mem_expand: int = 1,
         # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
         # the concrete class's own signature.
         optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3),
@@ -55,15 +56,15 @@ class HAMTLanguageModel(LanguageModel):
         self.save_hyperparameters()
         if binding not in ("elementwise", "circular"):
             raise MemLMError(f"model.binding must be 'elementwise' or 'circular', got {binding!r}")
-        if key_source not in ("content", "position"):
-            raise MemLMError(f"model.key_source must be 'content' or 'position', got {key_source!r}")
+        if key_source not in ("content", "position", "mix"):
+            raise MemLMError(f"model.key_source must be 'content', 'position' or 'mix', got {key_source!r}")
         if gate_mode not in ("parallel", "recurrent"):
             raise MemLMError(f"model.gate_mode must be 'parallel' or 'recurrent', got {gate_mode!r}")
         if binding == "circular" and n_embd % 2:
             raise MemLMError(f"circular binding needs an even model.n_embd, got {n_embd}")
         # HAMT has no attention heads: its memory is n_slots full-width vectors, so only sizes are checked
         require_positive("model", n_layer=n_layer, n_embd=n_embd, n_slots=n_slots, scan_chunk=scan_chunk,
-                         conv_kernel=conv_kernel)
+                         conv_kernel=conv_kernel, mem_expand=mem_expand)
         self.reset_on_eos = reset_on_eos
         self.carry_state = carry_state
         self.config = HAMTConfig(
@@ -83,6 +84,7 @@ class HAMTLanguageModel(LanguageModel):
             key_seed=key_seed,
             aux_weight=aux_weight,
             compile_scan=compile_scan,
+            mem_expand=mem_expand,
         )
         self.model = HAMTModel(self.config)
 
@@ -134,10 +136,11 @@ class HAMTLanguageModel(LanguageModel):
         n = self.model.param_count(non_embedding=True)
         chunk = min(c.scan_chunk, max(1, seq_len))
         # per layer and token: chunked scan (2*S*C*D) + read/unbind/weights (~8*S*D); x3 for fwd+bwd
-        mem = c.n_layer * (2 * c.n_slots * chunk * c.n_embd + 8 * c.n_slots * c.n_embd)
+        e = c.n_embd * c.mem_expand
+        mem = c.n_layer * (2 * c.n_slots * chunk * e + 8 * c.n_slots * e)
         return 6 * n + 3 * mem
 
     def state_bytes(self, batch_size: int = 1) -> int:
         """Bytes of recurrent state per sequence (constant in the context length)."""
         c = self.config
-        return batch_size * c.n_layer * (c.n_slots + c.conv_kernel - 1) * c.n_embd * 4 + 8
+        return batch_size * c.n_layer * (c.n_slots * c.mem_expand + c.conv_kernel - 1) * c.n_embd * 4 + 8

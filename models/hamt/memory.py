@@ -1,6 +1,7 @@
 """The holographic slot memory of one HAMT layer.
 
-State per layer: ``M`` [B, S, D] (S slots of D-dim superposed bindings) and the short causal
+State per layer: ``M`` [B, S, E] (S slots of E-dim superposed bindings, E = mem_expand * D; the item,
+keys and read probe are projected up to E and the read back down to D) and the short causal
 convolution's last K-1 inputs. One token costs O(S·D) time and the state never grows.
 
 Write (per token t, slot s)::
@@ -27,7 +28,8 @@ Keys (``key_source``): ``position`` = fixed keys per absolute position (seeded h
 :mod:`binding`); ``content`` = keys computed from the token context (bipolar via tanh, or unitary
 for circular binding). Recall of a value by its key needs content keys, because a query cannot
 know at which position its key was written; positional keys give a position-indexed sequence
-memory. Both are deterministic in eval mode.
+memory. ``mix`` = the first half of the key dimensions from content, the second half positional (an
+ablation between the two). All are deterministic in eval mode.
 """
 from __future__ import annotations
 
@@ -108,31 +110,34 @@ class HolographicMemory(nn.Module):
         tau_max: float = 4096.0,
         key_seed: int = 0,
         compile_scan: bool = False,
+        mem_expand: int = 1,
     ) -> None:
         super().__init__()
         if binding not in ("elementwise", "circular"):
             raise ValueError(f"binding must be elementwise or circular, got {binding!r}")
-        if key_source not in ("content", "position"):
-            raise ValueError(f"key_source must be content or position, got {key_source!r}")
+        if key_source not in ("content", "position", "mix"):
+            raise ValueError(f"key_source must be content, position or mix, got {key_source!r}")
         if gate_mode not in ("parallel", "recurrent"):
             raise ValueError(f"gate_mode must be parallel or recurrent, got {gate_mode!r}")
         self.dim, self.n_slots = dim, n_slots
+        # key/item dimension of the slots: crosstalk between n superposed bindings falls like sqrt(n / mem_dim)
+        self.mem_dim = E = dim * int(mem_expand)
         self.binding, self.key_source, self.gate_mode = binding, key_source, gate_mode
         self.scan_chunk, self.conv_kernel, self.key_seed = scan_chunk, conv_kernel, key_seed
         # short causal depthwise convolution: lets a write see the previous tokens (key -> value)
         self.conv = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=True)
         # fused projections (one matmul each): z -> [query, item, (content key)]; query -> [unbinding key, read probe]
-        self.n_zin = 3 if key_source == "content" else 2
-        self.w_zin = nn.Linear(dim, self.n_zin * dim, bias=False)
-        self.w_qout = nn.Linear(dim, 2 * dim, bias=False)  # retrieval head (unbinding key) + read-weight probe
-        self.w_gate = nn.Linear(2 * dim, n_slots, bias=True)
-        self.w_gate_state = nn.Parameter(torch.zeros(n_slots, dim)) if gate_mode == "recurrent" else None
+        self.n_zin = 2 if key_source == "position" else 3
+        self.w_zin = nn.Linear(dim, dim + (self.n_zin - 1) * E, bias=False)  # [query D | item E | key E]
+        self.w_qout = nn.Linear(dim, 2 * E, bias=False)  # retrieval head (unbinding key) + read-weight probe
+        self.w_gate = nn.Linear(dim + E, n_slots, bias=True)
+        self.w_gate_state = nn.Parameter(torch.zeros(n_slots, E)) if gate_mode == "recurrent" else None
         taus = torch.logspace(math.log10(tau_min), math.log10(tau_max), n_slots)
         lam = 1.0 - 1.0 / taus
         self.decay_logit = nn.Parameter(torch.log(lam) - torch.log1p(-lam))  # sigmoid^-1(lambda)
         self.slot_bias = nn.Parameter(torch.zeros(n_slots))
-        self.read_scale = nn.Parameter(torch.ones(dim))  # learnable scale after RMS normalisation
-        self.w_out = nn.Linear(2 * dim, dim, bias=False)
+        self.read_scale = nn.Parameter(torch.ones(E))  # learnable scale after RMS normalisation
+        self.w_out = nn.Linear(dim + E, dim, bias=False)
         with torch.no_grad():
             self.conv.weight.normal_(0.0, 0.02)
             self.conv.weight[:, 0, -1] += 1.0  # start close to identity on the current token
@@ -149,10 +154,14 @@ class HolographicMemory(nn.Module):
         return hb.unitary(v)  # unit-modulus spectrum: correlation inverts convolution exactly
 
     def write_keys(self, z: torch.Tensor, pos0: int, key_pre: torch.Tensor | None = None) -> torch.Tensor:
+        if self.key_source == "content":
+            return self._key_fn(key_pre)
+        pos = torch.arange(pos0, pos0 + z.size(1), device=z.device)
+        fixed = hb.positional_keys(pos, self.mem_dim, self.binding, self.key_seed).to(z.dtype).expand(z.size(0), -1, -1)
         if self.key_source == "position":
-            pos = torch.arange(pos0, pos0 + z.size(1), device=z.device)
-            return hb.positional_keys(pos, self.dim, self.binding, self.key_seed).to(z.dtype).expand(z.size(0), -1, -1)
-        return self._key_fn(key_pre)
+            return fixed
+        half = self.mem_dim // 2
+        return torch.cat([self._key_fn(key_pre)[..., :half], fixed[..., half:]], dim=-1)
 
     def _unbind(self, m: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """m [B, S, C, D] with key [B, C, D]."""
@@ -175,7 +184,7 @@ class HolographicMemory(nn.Module):
 
     def _recurrent_step(self, m, base_t, b_t, lam, keep):
         m = m * keep
-        slot = (rms_normalize(m) * self.w_gate_state).sum(-1) / math.sqrt(self.dim)
+        slot = (rms_normalize(m) * self.w_gate_state).sum(-1) / math.sqrt(self.mem_dim)
         g = torch.sigmoid(base_t + slot)
         m = lam * m + g.unsqueeze(-1) * b_t.unsqueeze(1)
         return m, g
@@ -192,9 +201,9 @@ class HolographicMemory(nn.Module):
     ) -> tuple[torch.Tensor, dict, dict]:
         """h [B,T,D] (normalised hidden). Returns (out [B,T,D], new state, extras)."""
         B, T, D = h.shape
-        K = self.conv_kernel
+        K, E = self.conv_kernel, self.mem_dim
         if state is None:
-            m0 = h.new_zeros(B, self.n_slots, D, dtype=torch.float32)
+            m0 = h.new_zeros(B, self.n_slots, E, dtype=torch.float32)
             conv_in = h.new_zeros(B, K - 1, D)
         else:  # the memory is kept in float32 (decays near 1 are not representable in bf16)
             m0, conv_in = state["M"].float(), state["conv"].to(h.dtype)
@@ -202,13 +211,13 @@ class HolographicMemory(nn.Module):
         z = F.silu(self._causal_conv(xin, T, reset))  # [B, T, D]
         new_conv = xin[:, -(K - 1) :] if K > 1 else conv_in
         zin = self.w_zin(z)
-        q, item = zin[..., :D], zin[..., D : 2 * D]
-        key = self.write_keys(z, pos0, zin[..., 2 * D :] if self.n_zin == 3 else None)
+        q, item = zin[..., :D], zin[..., D : D + E]
+        key = self.write_keys(z, pos0, zin[..., D + E :] if self.n_zin == 3 else None)
         qout = self.w_qout(q)
-        ukey = self._key_fn(qout[..., :D])
-        attn_q = qout[..., D:]
+        ukey = self._key_fn(qout[..., :E])
+        attn_q = qout[..., E:]
         b = hb.bind(item, key, self.binding)
-        gate_logits = self.w_gate(zin[..., : 2 * D])  # from [query, item]: [B, T, S]
+        gate_logits = self.w_gate(zin[..., : D + E])  # from [query, item]: [B, T, S]
         log_decay = self.log_decay()  # float32
 
         outs, gates, rec_sum = [], [], []
@@ -267,7 +276,7 @@ class HolographicMemory(nn.Module):
 
     def _slot_inv_rms(self, m_all: torch.Tensor) -> torch.Tensor:
         """1 / RMS of every slot state: [B, c, S] (normalisation at read time, not in the recurrence)."""
-        norm = torch.linalg.vector_norm(m_all, dim=-1) / math.sqrt(self.dim)  # [B, S, c]
+        norm = torch.linalg.vector_norm(m_all, dim=-1) / math.sqrt(self.mem_dim)  # [B, S, c]
         return torch.rsqrt(norm.pow(2) + EPS).transpose(1, 2)
 
     def _read(self, m_all: torch.Tensor, inv: torch.Tensor, ukey: torch.Tensor, attn_q: torch.Tensor, h: torch.Tensor):
@@ -277,7 +286,7 @@ class HolographicMemory(nn.Module):
         sum_s a_s unbind(M_s, u) = unbind(sum_s a_s M_s, u) (unbinding is linear).
         """
         probe = hb.unbind_adjoint(attn_q * self.read_scale, ukey, self.binding)  # [B, c, D]
-        logits = torch.einsum("bcd,bscd->bcs", probe, m_all) * inv / math.sqrt(self.dim) + self.slot_bias
+        logits = torch.einsum("bcd,bscd->bcs", probe, m_all) * inv / math.sqrt(self.mem_dim) + self.slot_bias
         w = torch.softmax(logits.float(), dim=-1).to(m_all.dtype)  # [B, c, S]
         mix = torch.einsum("bcs,bscd->bcd", w * inv, m_all)
         ctx = hb.unbind(mix, ukey, self.binding) * self.read_scale

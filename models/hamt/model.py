@@ -24,7 +24,7 @@ class HAMTConfig:
     n_embd: int = 128
     n_slots: int = 8
     binding: str = "elementwise"  # elementwise (bipolar keys) | circular (FFT)
-    key_source: str = "content"  # content | position
+    key_source: str = "content"  # content | position | mix (half content, half positional dimensions)
     gate_mode: str = "parallel"  # parallel (chunked, linear in M) | recurrent (gate reads slot state; scan)
     scan_chunk: int = 64
     conv_kernel: int = 4
@@ -36,6 +36,7 @@ class HAMTConfig:
     aux_weight: float = 0.1
     reset_token_id: int | None = None  # memory is cleared when this token (document separator) is read
     compile_scan: bool = False
+    mem_expand: int = 1  # slot key/item dimension = mem_expand * n_embd (capacity; 1 = the original design)
 
 
 class HAMTBlock(nn.Module):
@@ -54,6 +55,7 @@ class HAMTBlock(nn.Module):
             tau_max=cfg.tau_max,
             key_seed=cfg.key_seed + 7919 * layer,
             compile_scan=cfg.compile_scan,
+            mem_expand=cfg.mem_expand,
         )
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg.n_embd, int(cfg.mlp_ratio * cfg.n_embd), False, cfg.dropout)
@@ -90,7 +92,7 @@ class HAMTModel(nn.Module):
             "pos": torch.zeros((), dtype=torch.long, device=device),
             "layers": [
                 {
-                    "M": torch.zeros(batch_size, c.n_slots, c.n_embd, device=device, dtype=dtype),
+                    "M": torch.zeros(batch_size, c.n_slots, c.n_embd * c.mem_expand, device=device, dtype=dtype),
                     "conv": torch.zeros(batch_size, c.conv_kernel - 1, c.n_embd, device=device, dtype=dtype),
                 }
                 for _ in range(c.n_layer)

@@ -59,3 +59,57 @@ def test_stream_chunks_and_val_loaders():
     assert dm.vocab_size == dm.tokenizer.vocab_size == 3 + 8 + 8 + 1
     with pytest.raises(MemLMError):
         RecallDataModule(seq_len=32, eval_lengths=[40], stream_chunk=16)
+
+
+def test_curriculum_length_walks_the_lengths_then_holds_the_last():
+    from memlm.datamodules.recall import curriculum_length
+
+    got = [curriculum_length(s, 100, [16, 32, 64], final_fraction=0.5) for s in range(100)]
+    assert got[:25] == [16] * 25 and got[25:50] == [32] * 25 and got[50:] == [64] * 50
+    assert [curriculum_length(s, 10, [8]) for s in (0, 9)] == [8, 8]
+    with pytest.raises(MemLMError):
+        curriculum_length(0, 10, [])
+
+
+def test_epoch_curriculum_trains_short_sequences_first_with_matching_answers():
+    dm = RecallDataModule(task="mqar", seq_len=64, num_kv_pairs=3, num_keys=8, num_values=8, num_train=8,
+                          batch_size=4, stream_chunk=16, curriculum=[16, 32])
+    loader = dm.train_dataloader()
+    epoch = {"e": 0}
+    loader.epoch_fn = lambda: epoch["e"]
+    for e, length in enumerate([16, 32, 64, 64]):
+        epoch["e"] = e
+        batches = list(loader)
+        # 2 groups of 4 rows, each row delivered as length // 16 chunks; `first` starts every row group
+        assert len(batches) == 2 * length // 16
+        assert sum(b["first"] for b in batches) == 2
+        x = torch.cat([b["input_ids"] for b in batches[: length // 16]], 1).numpy()
+        y = torch.cat([b["targets"] for b in batches[: length // 16]], 1).numpy()
+        assert x.shape == (4, length)
+        for row in range(4):  # every answer is the value stored with the queried key, at any length
+            pairs = {x[row, 2 * i]: x[row, 2 * i + 1] for i in range(3)}
+            ans = np.nonzero(y[row] != -100)[0]
+            assert len(ans) == 3 and all(pairs[x[row, p]] == y[row, p] for p in ans)
+    with pytest.raises(MemLMError):
+        RecallDataModule(task="mqar", seq_len=64, stream_chunk=16, curriculum=[24])  # not a chunk multiple
+    with pytest.raises(MemLMError):
+        RecallDataModule(task="mqar", seq_len=64, curriculum=[128])  # longer than seq_len
+
+
+def test_small_filler_passkey_shares_no_character_with_the_key_sentence():
+    dm = RecallDataModule(task="passkey", seq_len=160, eval_lengths=[640], num_val=4, max_key=999, filler="small")
+    sentence_chars = set("The pass key is . Remember it. What is the pass key? 0123456789")
+    for n in (160, 640):
+        x, y = dm.eval_set(n)
+        for row in range(4):
+            text = dm.tokenizer.decode(x[row])
+            key = dm.tokenizer.decode(y[row][y[row] != -100])
+            start = text.index(" The pass key is ")
+            sentence = f" The pass key is {key}. Remember it. {key} is the pass key. "
+            filler = text[:start] + text[start + len(sentence): text.index(" What is the pass key?")]
+            assert text[start: start + len(sentence)] == sentence
+            assert len(filler) == n - len(sentence) - len(" What is the pass key? The pass key is ") - len(key) + 1
+            assert set(filler) <= set("~-=") and not set(filler) & sentence_chars
+    assert dm.vocab_size < RecallDataModule(task="passkey", seq_len=160).vocab_size
+    with pytest.raises(MemLMError):
+        RecallDataModule(task="passkey", filler="lorem")

@@ -59,10 +59,25 @@ CONFIGS = [
     dict(binding="elementwise", key_source="position", gate_mode="parallel"),
     dict(binding="circular", key_source="position", gate_mode="recurrent"),
     dict(binding="elementwise", key_source="content", gate_mode="recurrent"),
+    dict(binding="circular", key_source="mix", gate_mode="parallel"),
+    dict(binding="elementwise", key_source="content", gate_mode="recurrent", mem_expand=2),
 ]
 
 
-@pytest.mark.parametrize("kw", CONFIGS, ids=lambda k: "-".join(k.values()))
+def test_mix_keys_are_half_content_half_position():
+    from memlm.models.hamt import binding as hb
+    from memlm.models.hamt.memory import HolographicMemory
+
+    torch.manual_seed(0)
+    mem = HolographicMemory(16, n_slots=2, key_source="mix")
+    z, pre = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    keys = mem.write_keys(z, 7, pre)
+    assert torch.equal(keys[..., :8], mem._key_fn(pre)[..., :8])
+    assert torch.equal(keys[..., 8:], hb.positional_keys(torch.arange(7, 12), 16, "elementwise", 0)[None, :, 8:].expand(2, -1, -1))
+    assert not torch.equal(mem.write_keys(z, 7, pre + 1.0)[..., :8], keys[..., :8])  # the content half follows the input
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda k: "-".join(map(str, k.values())))
 def test_streaming_in_pieces_equals_one_pass_and_eval_is_deterministic(kw):
     torch.manual_seed(0)
     model = HAMTModel(HAMTConfig(vocab_size=40, n_layer=2, n_embd=32, n_slots=4, scan_chunk=8, **kw)).eval()
@@ -188,3 +203,14 @@ def test_memory_state_stays_float32_under_bf16_autocast():
     assert all(layer["M"].dtype == torch.float32 for layer in out.state["layers"])
     assert torch.isfinite(out.logits.float()).all()
     assert (out.logits.float() - ref).abs().max() < 0.1
+
+
+def test_mem_expand_widens_the_slots_and_keeps_the_state_constant_in_length():
+    torch.manual_seed(0)
+    model = HAMTModel(HAMTConfig(vocab_size=30, n_layer=2, n_embd=16, n_slots=4, mem_expand=4)).eval()
+    with torch.no_grad():
+        short, long = model(torch.randint(0, 30, (2, 9))).state, model(torch.randint(0, 30, (2, 300))).state
+    assert short["layers"][0]["M"].shape == long["layers"][0]["M"].shape == (2, 4, 64)
+    assert model.init_state(2)["layers"][1]["M"].shape == (2, 4, 64)
+    base = HAMTModel(HAMTConfig(vocab_size=30, n_layer=2, n_embd=16, n_slots=4))
+    assert model.param_count() > base.param_count()  # wider item/key/probe projections
