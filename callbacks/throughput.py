@@ -41,15 +41,22 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class TokenThroughput(L.Callback):
-    """Logs training tokens per second (all ranks) and MFU every ``log_every_n_steps``."""
+    """Logs training tokens per second (all ranks) and MFU.
 
-    def __init__(self, window: int = 10) -> None:
+    ``window`` None (the default) measures the span between Lightning's logging steps
+    (``trainer.log_every_n_steps``) and logs only there: a ``self.log`` call costs about as much
+    as a small model's whole step on a CPU, and Lightning would drop values logged in between.
+    ``window=N`` measures and logs every N steps instead.
+    """
+
+    def __init__(self, window: int | None = None) -> None:
         self.window = window
         self._t0: float | None = None
         self._tokens = 0
         self._steps = 0
         self._peak: float | None = None
         self._peak_known = False
+        self._fpt: dict[int, float | None] = {}  # FLOPs per token by sequence length
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not self._peak_known:
@@ -60,20 +67,28 @@ class TokenThroughput(L.Callback):
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
+    def _due(self, trainer) -> bool:
+        if self.window is not None:
+            return self._steps >= self.window
+        return bool(trainer._logger_connector.should_update_logs)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x = batch["input_ids"] if isinstance(batch, dict) and "input_ids" in batch else None
         if x is None:
             return
         self._tokens += x.numel() * trainer.world_size
         self._steps += 1
-        if self._steps < self.window:
+        if not self._due(trainer):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
         tps = self._tokens / max(dt, 1e-9)
         pl_module.log("train/tokens_per_sec", tps, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
-        fpt = getattr(pl_module, "flops_per_token", lambda _t: None)(x.shape[-1])
+        seq_len = x.shape[-1]
+        if seq_len not in self._fpt:
+            self._fpt[seq_len] = getattr(pl_module, "flops_per_token", lambda _t: None)(seq_len)
+        fpt = self._fpt[seq_len]
         if fpt and self._peak:
             mfu = tps / trainer.world_size * fpt / self._peak
             pl_module.log("train/mfu", mfu, on_step=True, on_epoch=False, rank_zero_only=True)

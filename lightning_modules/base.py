@@ -152,6 +152,23 @@ class MemLMModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.evaluation.log_to(self, split, getattr(dm, f"{split}_names", None))
 
+    # -- step logging ---------------------------------------------------------------------
+    def step_logs_due(self) -> bool:
+        """Whether values logged in this training step reach the loggers.
+
+        Lightning writes step metrics every ``trainer.log_every_n_steps`` batches and drops
+        the rest, yet each ``self.log`` call still costs its bookkeeping (and a value that must
+        be computed, a host sync). Hot paths log only when this is True: at Lightning's own
+        logging steps and at the last step (so a short run still leaves its final values in
+        ``trainer.callback_metrics``). Outside a fit it is always True.
+        """
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return True
+        if trainer._logger_connector.should_update_logs:
+            return True
+        return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step + 1
+
     # -- online learners -------------------------------------------------------------------
     def count_online_step(self) -> None:
         """Count one learning update of a module without an optimizer as a training step.

@@ -107,6 +107,10 @@ class LanguageModel(MemLMModule):
         self.model: nn.Module | None = None
         self.carried_state: Any = None  # training state between stream chunks (stateful models)
         self.eval_state: Any = None  # evaluation state between stream chunks
+        self._first_nonfinite_step: torch.Tensor | None = None  # see _check_finite
+        # fraction of the training budget spent, when a callback trains for a wall-clock budget
+        # (memlm.callbacks.budget.WallClockBudget); None: the cosine decay follows the step count
+        self.schedule_progress: float | None = None
 
     def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
         """As the base; the ``optimizer`` group is stored resolved (every field), whether it was
@@ -138,9 +142,11 @@ class LanguageModel(MemLMModule):
         """Log ``aux/<name>`` for each auxiliary loss and ``mem/<name>`` for each model metric;
         returns the summed auxiliary loss. ``aux`` (default ``out.aux_losses``) lets a module
         pass its weighted or extra losses (HMST's exit and critic terms)."""
-        aux_total = torch.zeros((), device=out.logits.device)
-        for name, value in (out.aux_losses if aux is None else aux).items():
-            aux_total = aux_total + value
+        aux = out.aux_losses if aux is None else aux
+        aux_total = sum(aux.values(), torch.zeros((), device=out.logits.device))
+        if kw.get("on_step") and not kw.get("on_epoch") and not self.step_logs_due():
+            return aux_total  # a training step whose logged values no logger would receive
+        for name, value in aux.items():
             self.log(f"aux/{name}", value.detach().float(), **kw)
         for name, value in out.metrics.items():
             key = name if "/" in name else f"mem/{name}"
@@ -158,18 +164,45 @@ class LanguageModel(MemLMModule):
         loss = losses.sum() / n_tokens
         self._check_finite(loss)
         aux = self._log_extras(out, on_step=True, on_epoch=False)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self.step_logs_due():
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss + aux
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).item())
+        """Stop training on a non-finite loss, without a host sync every step.
+
+        Each step notes on the device the first global step whose loss was not finite. The note
+        is read (one sync) at logging steps, before every checkpoint write and at the end of
+        training, so no checkpoint ever holds the weights that followed a bad step; outside a
+        fit it is read at once."""
+        bad = ~torch.isfinite(loss.detach())
+        first = self._first_nonfinite_step
+        if first is None or first.device != bad.device:
+            first = torch.full((), -1, dtype=torch.long, device=bad.device)
+        self._first_nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
+        if self.step_logs_due():
+            self.raise_if_loss_was_nonfinite()
+
+    def raise_if_loss_was_nonfinite(self) -> None:
+        """MemLMError if any training step so far had a non-finite loss (on any rank)."""
+        first = self._first_nonfinite_step
+        step = int(first.item()) if first is not None else -1
+        bad = step >= 0
         if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             raise MemLMError(
-                f"loss became non-finite at global step {self.global_step}; training stopped and the last good "
-                "checkpoint was kept (lower model.optimizer.learning_rate, add trainer.gradient_clip_val, or use 32-true precision)"
+                f"loss became non-finite at global step {step if step >= 0 else self.global_step}; training stopped "
+                "and the last good checkpoint was kept (lower model.optimizer.learning_rate, add "
+                "trainer.gradient_clip_val, or use 32-true precision)"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_loss_was_nonfinite()  # raising here aborts the write: the last good file stays
+        super().on_save_checkpoint(checkpoint)
+
+    def on_train_end(self) -> None:
+        self.raise_if_loss_was_nonfinite()
 
     # -- evaluation --------------------------------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
@@ -187,6 +220,10 @@ class LanguageModel(MemLMModule):
         pred = out.logits.argmax(-1).reshape(-1)
         correct = ((pred == y.reshape(-1)) & valid).sum()
         self.eval_sums(dataloader_idx).update(losses.sum(), valid.sum(), self.bytes_of(y), correct)
+        self._eval_output(batch, out)
+
+    def _eval_output(self, batch: dict, out: ModelOutput) -> None:
+        """Extra per-batch evaluation of a subclass (HMST: exact match, ingestion); none here."""
 
     def _eval_epoch_end(self, split: str) -> None:
         self._log_evaluation(split)
@@ -245,10 +282,23 @@ class LanguageModel(MemLMModule):
             if step < warmup:
                 return (step + 1) / max(1, warmup)
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if self.schedule_progress is not None:  # a wall-clock budget sets how far the decay has got
+                progress = min(1.0, max(0.0, self.schedule_progress))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's FSDP precision plugin refuses norm clipping; the FSDP root computes the norm over
+        # every rank's shard itself, so `gradient_clip_val` keeps working for the sharded presets.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if gradient_clip_val and isinstance(wrapped, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- generation ----------------------------------------------------------------------
     # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides

@@ -37,12 +37,12 @@ class Sleepy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def run(tmp_path, monkeypatch, steps: int, window: int, with_ids: bool = True) -> list[dict]:
+def run(tmp_path, monkeypatch, steps: int, window: int | None, with_ids: bool = True, log_every: int = 1) -> list[dict]:
     monkeypatch.setattr(throughput, "peak_flops", lambda device: 1e6)  # a known peak: mfu is checkable
     key = "input_ids" if with_ids else "x"
     batches = torch.utils.data.DataLoader([{key: torch.randint(0, 50, (B, T))} for _ in range(steps)], batch_size=None)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=CSVLogger(str(tmp_path), name="", version=""),
-                        callbacks=[TokenThroughput(window=window)], log_every_n_steps=1, enable_checkpointing=False,
+                        callbacks=[TokenThroughput(window=window)], log_every_n_steps=log_every, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(Sleepy(with_ids), train_dataloaders=batches)
     with open(tmp_path / "metrics.csv", newline="") as fh:
@@ -60,6 +60,15 @@ def test_tokens_per_sec_is_measured_over_each_window(tmp_path, monkeypatch):
         tps = float(r["train/tokens_per_sec"])
         assert 0.1 * ceiling < tps <= ceiling, (tps, ceiling)
         assert float(r["train/mfu"]) == pytest.approx(tps * 1000.0 * T / 1e6, rel=1e-5)
+
+
+def test_default_window_follows_the_logging_steps(tmp_path, monkeypatch):
+    # no log call between Lightning's logging steps: each value spans the steps since the last one
+    rows = run(tmp_path, monkeypatch, steps=9, window=None, log_every=3)
+    assert [int(r["step"]) for r in rows] == [2, 5, 8]
+    ceiling = B * T / STEP_SECONDS
+    for r in rows:
+        assert 0.1 * ceiling < float(r["train/tokens_per_sec"]) <= ceiling
 
 
 def test_batches_without_token_ids_log_nothing(tmp_path, monkeypatch):
