@@ -19,7 +19,9 @@
 - DDP policy: the semantic memory is replicated; every rank calls
   ``SemanticMemory.replicated_add`` each step (an all-gather), so all replicas hold the
   same ids, keys, values and texts in the same order and reads are identical. The episodic
-  store is rank-local (each rank's own streams); the checkpoint keeps rank 0's.
+  store is rank-local (each rank's own streams): the checkpoint keeps every rank's store in
+  ``checkpoint["hmst_memory"]["episodic_ranks"]`` (all-gathered, index = global rank) and each rank
+  restores its own; ``"episodic"`` is rank 0's copy, what a single-process load (chat) uses.
 - The stores live outside ``state_dict`` (they are not parameters or buffers, so DDP's
   buffer broadcast never touches them) and travel in ``checkpoint["hmst_memory"]`` as
   tensors and JSON strings (FAISS via serialize_index).
@@ -37,6 +39,8 @@ from memlm.core.checks import require_divisible, require_positive
 from memlm.core.errors import MemLMError
 from memlm.core.state import reset_tensor_rows, row_mask
 from memlm.core.sampling import SamplingParams
+from memlm.lightning_modules.hmst.stage2 import apply_base_lr, load_stage1, scale_base_groups
+from memlm.lightning_modules.hmst.task_eval import TaskEval
 from memlm.memory.episodic import EpisodicStore
 from memlm.memory.semantic import SemanticMemory
 
@@ -90,6 +94,11 @@ class HMSTLanguageModel(LanguageModel):
         gate_schedule: dict | str | None = None,
         eval_gate_mode: str = "schedule",
         eval_gate_schedule: dict | str | None = None,
+        exit_entropy_threshold: float | None = None,
+        # stage 2 (memory fine-tuning, memlm.lightning_modules.hmst.stage2): start from this
+        # stage-1 checkpoint; the base trains at base_lr_scale x the learning rate (0 = frozen)
+        init_checkpoint: str | None = None,
+        base_lr_scale: float = 1.0,
         # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
         # the concrete class's own signature.
         optimizer: OptimizerConfig = OptimizerConfig(),
@@ -108,7 +117,7 @@ class HMSTLanguageModel(LanguageModel):
             rope_base=rope_base, ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
             ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
-            critic_heads=critic_heads, critic_max_len=critic_max_len,
+            critic_heads=critic_heads, critic_max_len=critic_max_len, exit_entropy_threshold=exit_entropy_threshold,
         )
         self.model = HMSTModel(self.config)
         self.gate_mode, self.eval_gate_mode = gate_mode, eval_gate_mode
@@ -118,15 +127,24 @@ class HMSTLanguageModel(LanguageModel):
         self.loss_weights = {"balance": balance_loss_weight, "router_z": z_loss_weight, "exit": exit_loss_weight,
                         "critic": critic_loss_weight}
         self.semantic = SemanticMemory(d_model, d_model, index_type=mem_index_type, max_items=mem_max_items)
-        d_inner = ssm_expand * d_model
-        self.episodic = EpisodicStore(episodic_capacity, (d_inner, ssm_d_state), d_model)
+        self.episodic = EpisodicStore(episodic_capacity, None, d_model)  # no SSM copy: see memlm.memory.episodic
         self._generating = False
+        self.task_eval = TaskEval()
+        # stage 3 / stage 4: installed by memlm.callbacks.rl_stage.RLStage / critic_stage.CriticStage,
+        # they take over training_step (None = stages 1 and 2)
+        self.rl_phase = None
+        self.critic_phase = None
         # Training gates come from the module's own generator, not the global RNG: its state is
         # saved in the checkpoint, so a resumed run samples the gates the uninterrupted run would.
         # Seeded from the process seed, which seed_everything makes equal on every rank.
         self._gate_seed = int(torch.initial_seed()) % (2**63)
         self._gate_rng: torch.Generator | None = None
         self._gate_rng_state: torch.Tensor | None = None  # from a checkpoint, applied on first use
+        self.base_lr_scale = float(base_lr_scale)
+        apply_base_lr(self, self.base_lr_scale)
+        # a model built on the meta device (the config hub, size estimates) has no weights to fill
+        if init_checkpoint and self.model.wte.weight.device.type != "meta":
+            load_stage1(self, init_checkpoint)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: Any = None, **kw) -> HMSTOutput:
@@ -160,6 +178,10 @@ class HMSTLanguageModel(LanguageModel):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.rl_phase is not None:
+            return self.rl_phase.training_step(self, batch, batch_idx)
+        if self.critic_phase is not None:
+            return self.critic_phase.training_step(self, batch, batch_idx)
         x, y = batch["input_ids"], batch["targets"]
         # the TBPTT callback resets carried_state at epoch start, on batch["first"] and when the
         # batch size changes (the model also starts afresh when the rows do not match)
@@ -176,7 +198,7 @@ class HMSTLanguageModel(LanguageModel):
             aux["critic"] = self.loss_weights["critic"] * critic
         total = loss + self._log_extras(out, aux=aux, on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        self._write_memories(x, out)
+        self._write_memories(x, out, y)
         self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
         self.log("mem/episodic_items", float(len(self.episodic)), on_step=True, on_epoch=False)
         return total
@@ -228,11 +250,15 @@ class HMSTLanguageModel(LanguageModel):
                 out.append(self.tokenizer.decode(row[max(0, t - self.mem_text_tokens + 1): t + 1]))
         return out
 
-    def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int):
+    def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int, include_last: bool = False):
         """Items for every stride-th token of the rows that ran the full model (values are final
-        hidden states; rows that exited early have no final state and are not written)."""
+        hidden states; rows that exited early have no final state and are not written).
+        ``include_last`` also writes the segment's last token, so a document's tail (often the
+        value of a fact) is never dropped when its length is not a multiple of the stride."""
         T = x.size(1)
         pos = torch.arange(stride - 1, T, stride, device=x.device)
+        if include_last and (pos.numel() == 0 or int(pos[-1]) != T - 1):
+            pos = torch.cat([pos, torch.tensor([T - 1], device=x.device)])
         rows = torch.arange(x.size(0), device=x.device)
         if out.exit_rows is not None:
             rows = rows[~out.exit_rows.to(x.device)]
@@ -241,7 +267,7 @@ class HMSTLanguageModel(LanguageModel):
         return keys, values, self._segment_texts(x[rows], pos.cpu())
 
     @torch.no_grad()
-    def _write_memories(self, x: torch.Tensor, out: HMSTOutput) -> None:
+    def _write_memories(self, x: torch.Tensor, out: HMSTOutput, y: torch.Tensor | None = None) -> None:
         if self.mem_write:
             keys, values, texts = self._memory_items(x, out, self.mem_write_stride)
             self.semantic.replicated_add(keys.float(), values.float(), texts)
@@ -249,7 +275,8 @@ class HMSTLanguageModel(LanguageModel):
         if st is not None and st.ssm:
             T = x.size(1)
             spans = [(st.pos - T, st.pos)] * x.size(0)
-            self.episodic.add_batch(st.ssm[-1][1].float(), out.pooled.detach().float(), spans)
+            surprise = self._token_losses(out.logits.detach(), y).view(x.size(0), -1).mean(1) if y is not None else None
+            self.episodic.add_batch(None, out.pooled.detach().float(), spans, surprise)
 
     # -- ingestion -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -260,6 +287,10 @@ class HMSTLanguageModel(LanguageModel):
         state carried across them); every ``stride``-th token (default mem_write_stride)
         becomes one item keyed by its exit-layer state, valued by its final hidden state,
         with the preceding ``mem_text_tokens`` tokens as its text.
+
+        Under DDP the items are written with one ``replicated_add`` (a collective): every rank
+        must call ``ingest`` the same number of times (each with its own text, any length); all replicas
+        then hold every rank's items in rank order.
         """
         if self.tokenizer is None:
             raise MemLMError("this HMST module has no tokenizer; load it from a checkpoint (memlm.checkpoint.load_module)")
@@ -269,7 +300,7 @@ class HMSTLanguageModel(LanguageModel):
         was_training = self.training
         self.eval()
         stride = self.mem_write_stride if stride is None else max(1, int(stride))
-        written = []
+        items = []
         try:
             state = None
             x_all = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0)
@@ -277,13 +308,19 @@ class HMSTLanguageModel(LanguageModel):
                 x = x_all[:, s:s + self.config.block_size]
                 out = self(x, state=state)
                 state = out.state
-                if x.size(1) < stride:
+                last = s + self.config.block_size >= x_all.size(1)
+                if x.size(1) < stride and not last:
                     continue
-                keys, values, texts = self._memory_items(x, out, stride)
-                written.append(self.semantic.add(keys.float(), values.float(), texts))
+                items.append(self._memory_items(x, out, stride, include_last=last))
         finally:
             self.train(was_training)
-        return torch.cat(written) if written else torch.zeros(0, dtype=torch.long)
+        if not items:  # a text shorter than the stride: still take part in the collective
+            empty = torch.zeros(0, self.semantic.dim, device=self.device)
+            items = [(empty, torch.zeros(0, self.semantic.value_dim, device=self.device), [])]
+        keys = torch.cat([k for k, _, _ in items]).float()
+        values = torch.cat([v for _, v, _ in items]).float()
+        texts = None if any(ts is None for _, _, ts in items) else [t for _, _, ts in items for t in ts]
+        return self.semantic.replicated_add(keys, values, texts)
 
     # -- generation --------------------------------------------------------------------------------
     # the one generate(prompt_ids, params, generator) signature that MemLMModule defines and every module overrides
@@ -302,6 +339,34 @@ class HMSTLanguageModel(LanguageModel):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._generating = False
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.critic_phase is not None:  # stage 4 validates the critic on held-out triples
+            return self.critic_phase.validation_step(self, batch, batch_idx)
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.critic_phase is not None:
+            self.critic_phase.on_validation_epoch_end(self)
+        self.task_eval.log_and_reset(self, "val")
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self.task_eval.log_and_reset(self, "test")
+        super().on_test_epoch_end()
+
+    def _eval_output(self, batch: dict, out: HMSTOutput) -> None:
+        # stage-2 data (memlm.datamodules.hmst_stage2): row exact match per task, and chunks
+        # flagged write_memory ingested into semantic memory until the evaluation ends
+        self.task_eval.update(self, batch, out)
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict) -> dict:
+        # a saved stage-2 checkpoint holds its own weights: never reload the stage-1 file it started from
+        return {k: v for k, v in super().upgrade_hparams(hparams).items() if k != "init_checkpoint"}
+
+    def configure_optimizers(self):
+        return scale_base_groups(self, super().configure_optimizers(), self.base_lr_scale)
 
     def configure_callbacks(self):
         from memlm.callbacks.tbptt import default_tbptt
@@ -326,7 +391,8 @@ class HMSTLanguageModel(LanguageModel):
         if pooled is not None:
             pooled = reset_tensor_rows(pooled, mask)
             valid = ~mask.to(pooled.device) if valid is None else valid & ~mask.to(valid.device)
-        return HMSTState(ssm=ssm, pos=state.pos, prev_pooled=pooled, prev_valid=valid)
+        sim = None if state.prev_sim is None else reset_tensor_rows(state.prev_sim, mask)
+        return HMSTState(ssm=ssm, pos=state.pos, prev_pooled=pooled, prev_valid=valid, prev_sim=sim)
 
     def state_batch_size(self, state: HMSTState) -> int:
         return state.batch_size
@@ -349,12 +415,13 @@ class HMSTLanguageModel(LanguageModel):
             out["prev_pooled"] = state.prev_pooled.detach().clone()
             valid = state.prev_valid if state.prev_valid is not None else torch.ones(B, dtype=torch.bool)
             out["prev_valid"] = valid.to(state.prev_pooled.device, torch.bool).clone()
+        out["prev_sim"] = torch.zeros(B, device=dev) if state.prev_sim is None else state.prev_sim.detach().float().clone()
         return out
 
     def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> HMSTState:
         n = self.config.ssm_layers
         need = {"pos", "prev_pooled", "prev_valid"} | {f"ssm.{i}.{k}" for i in range(n) for k in ("conv", "ssm")}
-        if set(tensors) != need:
+        if set(tensors) - {"prev_sim"} != need:  # prev_sim is absent from checkpoints before the gates moved first
             raise MemLMError(
                 f"saved HMST state {sorted(tensors)} does not fit this model ({n} SSM layers); resume with the "
                 "checkpoint's config"
@@ -363,12 +430,17 @@ class HMSTLanguageModel(LanguageModel):
         valid = tensors["prev_valid"].bool()
         pooled = tensors["prev_pooled"] if bool(valid.any()) else None
         valid = None if pooled is None or bool(valid.all()) else valid
-        return HMSTState(ssm=ssm, pos=int(tensors["pos"]), prev_pooled=pooled, prev_valid=valid)
+        return HMSTState(ssm=ssm, pos=int(tensors["pos"]), prev_pooled=pooled, prev_valid=valid,
+                         prev_sim=tensors.get("prev_sim"))
 
     # -- checkpoint ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["hmst_memory"] = {"semantic": self.semantic.state_dict(), "episodic": self.episodic.state_dict()}
+        episodic = self.episodic.state_dict()
+        checkpoint["hmst_memory"] = {"semantic": self.semantic.state_dict(), "episodic": episodic}
+        per_rank = self._gather_episodic(episodic)
+        if per_rank is not None:
+            checkpoint["hmst_memory"]["episodic_ranks"] = per_rank
         gen_state = self._gate_rng.get_state() if self._gate_rng is not None else self._gate_rng_state
         if gen_state is not None:
             checkpoint["hmst_memory"]["gate_rng"] = gen_state.clone()
@@ -378,9 +450,35 @@ class HMSTLanguageModel(LanguageModel):
         mem = checkpoint.get("hmst_memory")
         if mem:
             self.semantic.load_state_dict(mem["semantic"])
-            self.episodic.load_state_dict(mem["episodic"])
+            self.episodic.load_state_dict(self._own_episodic(mem))
             if mem.get("gate_rng") is not None:
                 self._gate_rng, self._gate_rng_state = None, mem["gate_rng"].cpu()
+
+    def _gather_episodic(self, own: dict) -> dict | None:
+        """Every rank's episodic store under DDP, each tensor stacked over global ranks; None with one process.
+
+        Runs on every rank while the checkpoint is dumped (like the TBPTT callback's carried state):
+        the store has a fixed capacity, so every rank holds the same keys and shapes.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        tensors = {k: trainer.strategy.all_gather(v.reshape(v.shape or (1,)).to(self.device).contiguous()).cpu()
+                   for k, v in own.items()}
+        return {"world_size": trainer.world_size, "tensors": tensors}
+
+    def _own_episodic(self, mem: dict) -> dict:
+        """This rank's saved store: its own slice of ``episodic_ranks`` when the world size matches, else rank 0's."""
+        ranks, trainer = mem.get("episodic_ranks"), self._trainer
+        if not ranks or trainer is None:
+            return mem["episodic"]  # single process (chat, eval): rank 0's copy
+        if int(ranks["world_size"]) != trainer.world_size:
+            warnings.warn(f"episodic stores were saved by {ranks['world_size']} ranks, resuming with "
+                          f"{trainer.world_size}: every rank starts from rank 0's store")
+            return mem["episodic"]
+        own = {k: v[trainer.global_rank] for k, v in ranks["tensors"].items()}
+        own["written"] = own["written"].reshape(())
+        return own
 
     def memory_report(self) -> dict:
         return {"semantic_items": len(self.semantic), "episodic_items": len(self.episodic),

@@ -37,8 +37,12 @@ def parse_args(argv=None):
     src.add_argument("--device", default="cpu")
     src.add_argument("--learner", choices=["hebbian"], help="chat with a continual learner instead")
     src.add_argument("--teacher-url", help="hebbian: OpenAI-compatible teacher server")
-    src.add_argument("--teacher-model", help="hebbian: teacher model name")
-    src.add_argument("--state", help=f"hebbian: state file (default {DEFAULT_HEBBIAN_STATE})")
+    src.add_argument("--teacher-model", help="hebbian: teacher model name (default: the server's first in /v1/models)")
+    src.add_argument("--teacher-api-key", default=None,
+                     help="hebbian: teacher API key (default: $MEMLM_TEACHER_API_KEY, then $OPENAI_API_KEY)")
+    src.add_argument("--lesson-every", type=int, default=0,
+                     help="hebbian with --teacher-url: the teacher speaks first and gives a lesson every K turns (0: never)")
+    src.add_argument("--state", help=f"hebbian: learner state or train.py checkpoint (default {DEFAULT_HEBBIAN_STATE})")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", help="answer this one prompt and exit (otherwise: interactive loop)")
     gen.add_argument("--system", default=None, help="system prompt")
@@ -54,7 +58,15 @@ def parse_args(argv=None):
     mem.add_argument("--memory-budget", type=int, default=200, help="tokens of memories injected per turn")
     mem.add_argument("--idle-sleep", type=float, default=300.0, help="consolidate after this many idle seconds (0 = never)")
     mem.add_argument("--no-sleep-on-exit", action="store_true", help="do not consolidate when the chat ends")
-    mem.add_argument("--explain", action="store_true", help="show which memories were injected and why")
+    mem.add_argument("--explain", action="store_true", help="show which memories were injected and why (HMST: every "
+                     "gate decision, retrieved item, critic score, metered compute and latency)")
+    lrn = p.add_argument_group("online learning and log")
+    lrn.add_argument("--learn", action="store_true", help="the model learns from each exchange (models that learn online: HTM)")
+    lrn.add_argument("--learn-state", default=None, help="learned-state file (default: CKPT.learned.pt), loaded if present")
+    lrn.add_argument("--save-every", type=int, default=1, help="save the learned state every N turns (and at exit)")
+    lrn.add_argument("--learn-replies", action="store_true", help="learn the model's replies too, not only the user's turns")
+    lrn.add_argument("--learn-passes", type=int, default=3, help="rehearsals of each learned turn")
+    lrn.add_argument("--log", default=None, help="append every exchange to this JSONL file")
     args = p.parse_args(argv)
     if args.learner is None and not args.ckpt and not args.base_url:
         raise MemLMError("nothing to chat with: pass --ckpt PATH or --base-url URL (or --learner hebbian)")
@@ -89,8 +101,14 @@ def run_hebbian(args) -> int:
         from memlm.apps.hebbian_chat import run_hebbian_chat
     except ImportError as exc:
         raise MemLMError(f"the Hebbian learner is not available ({exc})") from exc
-    state = os.path.expanduser(args.state or DEFAULT_HEBBIAN_STATE)
-    return int(run_hebbian_chat(state, args.teacher_url, args.teacher_model, args.prompt) or 0)
+    if args.state and args.ckpt and os.path.abspath(args.state) != os.path.abspath(args.ckpt):
+        raise MemLMError("--learner hebbian: pass the learner's file as --state or --ckpt, not both")
+    # either flag names the learner: its own state file or a train.py checkpoint (the format is detected)
+    state = os.path.expanduser(args.state or args.ckpt or DEFAULT_HEBBIAN_STATE)
+    extra = {"teacher_api_key": args.teacher_api_key} if args.teacher_api_key else {}
+    if args.lesson_every:
+        extra["lesson_every"] = args.lesson_every
+    return int(run_hebbian_chat(state, args.teacher_url, args.teacher_model, args.prompt, **extra) or 0)
 
 
 class Chat:
@@ -100,6 +118,24 @@ class Chat:
         self.history: list[dict] = []
         self.memory = None
         self.session = None
+        self.learner = self.chat_log = None
+        self.engine = None  # HMST: answers come from HMSTInferenceEngine (gates, retrieval, verification)
+        if type(getattr(backend, "module", None)).__name__ == "HMSTLanguageModel":
+            from memlm.apps.hmst_engine import EngineConfig, HMSTInferenceEngine
+
+            self.engine = HMSTInferenceEngine(backend.module, EngineConfig(max_new_tokens=args.max_new_tokens))
+        if getattr(args, "learn", False):
+            from memlm.apps.chat_learning import OnlineLearner, default_state_path
+
+            if not getattr(args, "ckpt", None) and not args.learn_state:
+                raise MemLMError("--learn needs a local checkpoint (--ckpt) or a --learn-state path")
+            path = os.path.expanduser(args.learn_state or default_state_path(args.ckpt))
+            self.learner = OnlineLearner(backend, path, save_every=args.save_every, learn_replies=args.learn_replies,
+                                         passes=args.learn_passes, log=lambda m: print(m, file=self.err))
+        if getattr(args, "log", None):
+            from memlm.apps.chat_learning import ChatLog
+
+            self.chat_log = ChatLog(os.path.expanduser(args.log))
         if args.memory:
             from memlm.apps.ltml_session import LTMLMemory
             from memlm.memory.ltml.wake import WakeConfig
@@ -118,8 +154,19 @@ class Chat:
                 start = self.memory.session_start_injection()
                 print("[memory] at session start: " + start.explain().replace("[memory] ", "", 1), file=self.err)
 
+    def after_exchange(self, user_text: str, reply: str) -> None:
+        """Online learning and the chat log, after every reply."""
+        if self.learner is not None:
+            self.learner.after_turn(user_text, reply)
+        if self.chat_log is not None:
+            self.chat_log.write(self.backend.name, user_text, reply.strip(), learned=self.learner is not None)
+
     def turn(self, user_text: str) -> str:
         a = self.args
+        if not user_text.strip():  # nothing was asked: an empty reply, nothing learned or logged
+            self.out.write("\n")
+            self.out.flush()
+            return ""
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + self.history
         messages.append({"role": "user", "content": user_text})
         if self.memory is not None:
@@ -127,11 +174,26 @@ class Chat:
             if a.explain:
                 print(injection.explain(), file=self.err)
         pieces = []
-        for piece in self.backend.stream_chat(messages, max_tokens=a.max_new_tokens, temperature=a.temperature,
-                                              top_k=a.top_k, top_p=a.top_p, seed=a.seed):
-            pieces.append(piece)
-            self.out.write(piece)
-            self.out.flush()
+        if self.engine is not None:
+            from memlm.apps.hmst_engine import explain_lines, memory_command
+
+            done = memory_command(self.engine, user_text)
+            if done is not None:  # /ingest TEXT, /forget ID..., /memory: the engine's semantic memory
+                self.out.write(done + "\n")
+                self.out.flush()
+                return done
+            res = self.engine.answer(self.backend.render(messages, a.max_new_tokens), query=user_text,
+                                     params=self.engine.sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed))
+            pieces.append(res.text)
+            self.out.write(res.text)
+            if a.explain:
+                print("\n".join(explain_lines(res)), file=self.err)
+        else:
+            for piece in self.backend.stream_chat(messages, max_tokens=a.max_new_tokens, temperature=a.temperature,
+                                                  top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
         self.out.write("\n")
         self.out.flush()
         reply = "".join(pieces)
@@ -139,6 +201,7 @@ class Chat:
         if self.memory is not None:
             self.memory.record(self.session, user_text, reply.strip())
             self.memory.touch_idle(a.idle_sleep)
+        self.after_exchange(user_text, reply)
         return reply
 
     def loop(self, inp=None) -> None:
@@ -161,6 +224,10 @@ class Chat:
             self.turn(text)
 
     def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+        if self.chat_log is not None:
+            self.chat_log.close()
         if self.memory is None:
             return
         self.memory.end_session(self.session)
@@ -184,12 +251,17 @@ def main(argv=None) -> int:
     chat = Chat(args, backend)
     try:
         if args.prompt is not None:
-            if getattr(backend, "template", "chat") == "none" and chat.memory is None:
+            if not args.prompt.strip():  # an empty prompt gets an empty reply
+                sys.stdout.write("\n")
+            elif getattr(backend, "template", "chat") == "none" and chat.memory is None:
+                pieces = []
                 for piece in backend.stream_prompt(args.prompt, max_tokens=args.max_new_tokens, temperature=args.temperature,
                                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                    pieces.append(piece)
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
+                chat.after_exchange(args.prompt, "".join(pieces))
             else:
                 chat.turn(args.prompt)
         else:

@@ -26,6 +26,7 @@ from memlm.core.sampling import SamplingParams
 
 ROLE_TAGS = {"system": "System", "user": "User", "assistant": "Assistant"}
 STOP_STRINGS = ("\nUser:", "\nSystem:", "\nAssistant:")
+TURN_SEPARATOR = "\x1e"  # the "turns" template's separator (memlm.datamodules.conversation's dialogue format)
 
 
 def format_chat(messages: list[dict]) -> str:
@@ -39,6 +40,21 @@ def format_chat(messages: list[dict]) -> str:
         parts.append(f"{ROLE_TAGS.get(role, role.capitalize())}: {content.strip()}")
     parts.append("Assistant:")
     return "\n".join(parts)
+
+
+def format_turns(messages: list[dict]) -> str:
+    """The "turns" template of learners trained on raw dialogues (no role tags): the user and
+    assistant texts joined by ``TURN_SEPARATOR``; system messages (and memories injected there)
+    are left out, since such a learner never saw them."""
+    texts = []
+    for m in messages:
+        if m.get("role", "user") == "system":
+            continue
+        content = m.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        texts.append(content.strip())
+    return TURN_SEPARATOR.join(texts)
 
 
 class ChatBackend:
@@ -72,6 +88,8 @@ class LocalBackend(ChatBackend):
         self.module = module
         self.tokenizer = module.tokenizer
         self.name = name
+        if template == "chat":  # a module may name its own chat template (the Hebbian learner: "turns")
+            template = getattr(module, "chat_template", None) or "chat"
         self.template = template
         self.lock = threading.Lock()
 
@@ -89,6 +107,8 @@ class LocalBackend(ChatBackend):
         """The chat template, dropping the oldest turns (never the system prompt or last turn) to fit the context."""
         if self.template == "none":
             return "\n".join(str(m.get("content") or "") for m in messages)
+        if self.template == "turns":
+            return format_turns(messages)
         limit = self.context_limit
         msgs = list(messages)
         text = format_chat(msgs)

@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from memlm.callbacks.checkpointing import FinalLastCheckpoint
+from memlm.callbacks.progress import StepProgress
+from memlm.callbacks.summary import MemLMModelSummary
 from memlm.callbacks.slurm_requeue import SlurmRequeue, resume_checkpoint
 from memlm.apps.run_info import run_metadata
 from memlm.callbacks.throughput import TokenThroughput
@@ -143,6 +145,12 @@ class MemLMCLI(LightningCLI):
         parser.add_argument("--run.wandb_project", type=str, default="memlm")
         parser.add_argument("--run.num_threads", type=int | None, default=None,
                             help="torch intra-op CPU threads (default: torch's choice; 1 helps on oversubscribed CPUs)")
+        parser.add_argument("--run.progress_every_n_steps", type=int, default=50,
+                            help="when stdout is not a terminal: a progress line every N optimizer steps")
+        parser.add_argument("--run.progress_every_s", type=float, default=30.0,
+                            help="when stdout is not a terminal: a progress line at least every T seconds")
+        parser.add_argument("--run.skip_memory_check", type=bool, default=False,
+                            help="start even when the memory pre-flight estimates more than the free memory")
         parser.add_argument("--run.ckpt_every_n_steps", type=int | None, default=None,
                             help="also write last.ckpt every N training steps (default: after each validation)")
 
@@ -178,6 +186,8 @@ class MemLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._sub_config()
         _check_trainer_limits(cfg.trainer)  # before a run directory is made
+        if self.subcommand == "fit":
+            self._memory_preflight(cfg)  # before any memory is allocated for the model
         if cfg.run.num_threads:
             import torch
 
@@ -205,6 +215,31 @@ class MemLMCLI(LightningCLI):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[RUN_DIR_ENV] = str(self.run_dir)
         self._resolve_resume(cfg)
+
+    def _memory_preflight(self, cfg) -> None:
+        """Estimate training memory on the meta device and compare it with the free memory."""
+        from memlm.apps import preflight
+
+        if cfg.run.skip_memory_check or not cfg.get("model") or not cfg.get("data"):
+            return
+        init = cfg.model.init_args.as_dict() if cfg.model.get("init_args") is not None else {}
+        data = cfg.data.init_args.as_dict() if cfg.data.get("init_args") is not None else {}
+        init.setdefault("vocab_size", None)
+        if init["vocab_size"] is None:
+            init["vocab_size"] = int(data.get("vocab_size") or 256)
+        module = preflight.build_on_meta(cfg.model.class_path, init)
+        if module is None:
+            return
+        trainer = cfg.trainer
+        devices = trainer.get("devices")
+        per_host = int(devices) if isinstance(devices, int) or str(devices).isdigit() else 1
+        world = per_host * int(trainer.get("num_nodes") or 1)
+        est = preflight.estimate(module, int(data.get("batch_size") or 1), int(data.get("block_size") or 1),
+                                 str(trainer.get("precision") or "32-true"), str(trainer.get("strategy") or "auto"), world)
+        free, where = preflight.free_memory(str(trainer.get("accelerator") or "auto"))
+        warning = preflight.check(est, free, where, devices_here=per_host)
+        if warning:
+            preflight.say(warning)
 
     def _resolve_resume(self, cfg) -> None:
         """A requeued SLURM job resumes from the newest of hpc_ckpt_<n>.ckpt and last.ckpt."""
@@ -312,6 +347,10 @@ class MemLMCLI(LightningCLI):
             cbs.append(FinalLastCheckpoint(self.run_dir / "checkpoints" / "last.ckpt"))
         if not any(isinstance(c, TokenThroughput) for c in cbs):
             cbs.append(TokenThroughput())
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in cbs):
+            cbs.append(StepProgress(every_n_steps=cfg.run.progress_every_n_steps, every_s=cfg.run.progress_every_s))
+        if config.get("enable_model_summary", True) is not False and not any(isinstance(c, ModelSummary) for c in cbs):
+            cbs.append(MemLMModelSummary())
         if not any(isinstance(c, SlurmRequeue) for c in cbs):
             cbs.append(SlurmRequeue())
         config["callbacks"] = cbs

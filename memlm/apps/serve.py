@@ -65,9 +65,10 @@ def _num(body: dict, key: str, default, lo=None, hi=None, cast=float):
 class ServerState:
     def __init__(self, backend, model_name: str, api_key: str | None = None, max_tokens_cap: int = 512,
                  max_prompt_tokens: int = 4096, default_max_tokens: int = 128, max_request_bytes: int = 1 << 20,
-                 memory=None, sleep_idle: float | None = None) -> None:
+                 memory=None, sleep_idle: float | None = None, model_info: dict | None = None) -> None:
         self.backend = backend
         self.model_name = model_name
+        self.model_info = dict(model_info or {})  # extra /v1/models fields (architecture, parameters, step)
         self.api_key = api_key
         self.max_tokens_cap = max_tokens_cap
         self.max_prompt_tokens = max_prompt_tokens
@@ -78,6 +79,24 @@ class ServerState:
         self.created = int(time.time())
         self.sessions: dict[str, int] = {}
         self.sessions_lock = threading.Lock()
+        self.engine = None  # HMSTInferenceEngine for an HMST checkpoint (memlm/apps/hmst_routes.py)
+        self.learner = None  # chat_learning.OnlineLearner with --learn
+        self.chat_log = None  # chat_learning.ChatLog with --log
+
+    def after_turn(self, user_text: str | None, reply: str) -> None:
+        """--learn and --log, after each chat completion (the same code as chat.py's)."""
+        if not user_text or not user_text.strip():
+            return
+        if self.learner is not None:
+            self.learner.after_turn(user_text, reply)
+        if self.chat_log is not None:
+            self.chat_log.write(self.model_name, user_text, reply.strip(), learned=self.learner is not None)
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+        if self.chat_log is not None:
+            self.chat_log.close()
 
     # -- validation -----------------------------------------------------------------
     def check_model(self, body: dict) -> None:
@@ -163,6 +182,10 @@ def create_app(state: ServerState):
     app = FastAPI(title="MemLM OpenAI-compatible server")
     app.state.memlm = state
     backend = state.backend
+    if state.engine is not None:
+        from memlm.apps.hmst_routes import add_hmst_routes
+
+        add_hmst_routes(app, state, APIError)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -209,13 +232,14 @@ def create_app(state: ServerState):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "memlm"}]}
+                                            "owned_by": "memlm", **state.model_info}]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         if model_id != state.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "memlm"}
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "memlm",
+                **state.model_info}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -242,6 +266,7 @@ def create_app(state: ServerState):
         def remember(reply: str) -> None:
             if state.memory is not None and user_text:
                 state.memory.record(session, user_text, reply)
+            state.after_turn(user_text, reply)
 
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -264,9 +289,18 @@ def create_app(state: ServerState):
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=ltml_headers)
 
+        hmst: dict | None = None
+
         def run() -> tuple[str, dict]:
+            nonlocal hmst
             info: dict = {}
-            text = "".join(backend.stream_prompt(prompt, info=info, **gen_kw))
+            if state.engine is not None:  # HMST: the engine decides, retrieves, generates and verifies
+                from memlm.apps.hmst_routes import engine_reply
+
+                text, info, hmst = engine_reply(state.engine, backend.lock, prompt, user_text, params["max_tokens"],
+                                                backend.count_tokens)
+            else:
+                text = "".join(backend.stream_prompt(prompt, info=info, **gen_kw))
             remember(text)
             return text, info
 
@@ -278,6 +312,8 @@ def create_app(state: ServerState):
             "usage": {"prompt_tokens": info.get("prompt_tokens", n_prompt), "completion_tokens": info.get("completion_tokens", 0),
                       "total_tokens": info.get("prompt_tokens", n_prompt) + info.get("completion_tokens", 0)},
         }
+        if hmst is not None:
+            resp["hmst"] = hmst  # an extra field: OpenAI clients that do not read it still work
         if injection is not None:
             resp["ltml"] = {"tokens": injection.tokens, "injected": [
                 {"id": it.memory.id, "text": it.memory.text, "score": round(it.score, 4), "relevance": round(it.relevance, 4),
@@ -402,10 +438,13 @@ class BackgroundServer:
 
 def build_state(args) -> ServerState:
     from memlm.apps.chat_backends import LocalBackend
-    from memlm.checkpoint import load_module
+    from memlm.checkpoint import load_module, served_name
 
     module = load_module(args.ckpt, map_location=args.device)
-    name = args.model_name or Path(args.ckpt).stem
+    step = module.checkpoint_info["global_step"]
+    name = args.model_name or served_name(args.ckpt, step)
+    info = {"architecture": type(module).__name__, "parameters": sum(p.numel() for p in module.parameters()),
+            "global_step": step, "class_path": module.checkpoint_info["class_path"]}
     backend = LocalBackend(module, name=name)
     memory = None
     if args.memory:
@@ -419,10 +458,32 @@ def build_state(args) -> ServerState:
                             wake_config=WakeConfig(budget_tokens=budget),
                             log=lambda m: print(m, file=sys.stderr))
         print(f"ltml: memory {args.memory} (embedder {memory.embedder.name})", file=sys.stderr)
-    return ServerState(backend, name, api_key=args.api_key or os.environ.get("MEMLM_API_KEY") or None,
-                       max_tokens_cap=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                       default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-                       max_request_bytes=args.max_request_bytes, memory=memory, sleep_idle=args.sleep_idle)
+    state = ServerState(backend, name, api_key=args.api_key or os.environ.get("MEMLM_API_KEY") or None,
+                        max_tokens_cap=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                        max_request_bytes=args.max_request_bytes, memory=memory, sleep_idle=args.sleep_idle,
+                        model_info=info)
+    if type(module).__name__ == "HMSTLanguageModel":
+        from memlm.apps.hmst_engine import EngineConfig, HMSTInferenceEngine
+
+        state.engine = HMSTInferenceEngine(module, EngineConfig(gate_mode=args.hmst_gates, verify=args.hmst_verify,
+                                                                threshold=args.hmst_threshold))
+    attach_learning(state, args)
+    return state
+
+
+def attach_learning(state: ServerState, args) -> None:
+    """--learn (chat_learning.OnlineLearner: learn each exchange, save the state atomically) and --log."""
+    if getattr(args, "learn", False):
+        from memlm.apps.chat_learning import OnlineLearner, default_state_path
+
+        path = os.path.expanduser(args.learn_state or default_state_path(args.ckpt))
+        state.learner = OnlineLearner(state.backend, path, save_every=args.save_every, learn_replies=args.learn_replies,
+                                      passes=args.learn_passes, log=lambda m: print(m, file=sys.stderr))
+    if getattr(args, "log", None):
+        from memlm.apps.chat_learning import ChatLog
+
+        state.chat_log = ChatLog(os.path.expanduser(args.log))
 
 
 def parse_args(argv=None):
@@ -431,7 +492,7 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MEMLM_API_KEY)")
-    p.add_argument("--model-name", default=None, help="model id in /v1/models (default: checkpoint file stem)")
+    p.add_argument("--model-name", default=None, help="model id in /v1/models (default: <run name>@step<N>, e.g. transformer_micro@step300)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=128)
@@ -441,6 +502,16 @@ def parse_args(argv=None):
     p.add_argument("--embedder", default="auto", help="LTML embedder: auto | minilm | hash | module")
     p.add_argument("--memory-budget", type=int, default=200, help="tokens of memories injected per request")
     p.add_argument("--sleep-idle", type=float, default=300.0, help="consolidate after this many idle seconds (0 = never)")
+    p.add_argument("--hmst-gates", default="controller", help="HMST engine gates: controller | schedule | all_on")
+    p.add_argument("--hmst-verify", default="gate", help="HMST verification: gate (when the gate fires) | always | never")
+    p.add_argument("--hmst-threshold", type=float, default=0.5, help="HMST critic score below which it retries, then abstains")
+    lrn = p.add_argument_group("online learning and log (as chat.py)")
+    lrn.add_argument("--learn", action="store_true", help="the model learns from each chat exchange (models that learn online: HTM)")
+    lrn.add_argument("--learn-state", default=None, help="learned-state file (default: CKPT.learned.pt), loaded if present")
+    lrn.add_argument("--save-every", type=int, default=1, help="save the learned state every N turns (and at exit)")
+    lrn.add_argument("--learn-replies", action="store_true", help="learn the model's replies too, not only the user's turns")
+    lrn.add_argument("--learn-passes", type=int, default=3, help="rehearsals of each learned turn")
+    lrn.add_argument("--log", default=None, help="append one JSON line per chat exchange to this file")
     return p.parse_args(argv)
 
 
@@ -458,6 +529,7 @@ def main(argv=None) -> int:
     except OSError as exc:
         raise MemLMError(f"cannot bind {args.host}:{args.port} ({exc}); pick another --port") from exc
     finally:
+        state.close()
         if state.memory is not None:
             print("ltml: consolidating before exit", file=sys.stderr)
             state.memory.sleep()

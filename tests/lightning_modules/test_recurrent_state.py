@@ -107,7 +107,7 @@ def test_hmst_reset_rows_and_round_trip():
         assert_same_tensors(m.state_to_dict(back), flat)
         assert back.pos == st.pos and (back.prev_pooled is None) == (st.prev_pooled is None)
         assert (back.prev_valid is None) == (st.prev_valid is None)
-    assert set(m.state_to_dict(state)) == {"pos", "ssm.0.conv", "ssm.0.ssm", "prev_pooled", "prev_valid"}
+    assert set(m.state_to_dict(state)) == {"pos", "ssm.0.conv", "ssm.0.ssm", "prev_pooled", "prev_valid", "prev_sim"}
 
 
 # -- HTM ----------------------------------------------------------------------------------------
