@@ -10,7 +10,12 @@ per sequence, what HTMLanguageModel uses) and ``compute`` (one Python call per s
 Spatial pooler: 2048 inputs -> 2048 columns, 2% active columns (global inhibition), random
 inputs with 40 active bits, learning on and off interleaved.
 
+Text (``--text``): the bounded-growth micro model (bench/htm_text.py ``BOUNDED``) learns
+the first ``--chars`` characters of tinyshakespeare as one stream, learning on; prints
+tokens per CPU-second against tokens seen (a table, and a PNG in docs/img/).
+
     python bench/htm_speed.py [--quick]
+    python bench/htm_speed.py --text [--chars 1000000] [--quick]
 """
 from __future__ import annotations
 
@@ -59,13 +64,54 @@ def tm_pass_compute(tm: TemporalMemory, seqs_steps) -> float:
     return total
 
 
+def text_main(args) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from htm_text import BOUNDED, SHAKESPEARE, build, plot_curve, rate, read_text, train_stream
+
+    chars = args.chars or (100_000 if args.quick else 1_000_000)
+    text = read_text(args.data or SHAKESPEARE)
+    model = build(text)
+    ids = np.asarray(model.tokenizer.encode(text[: chars + 1]), dtype=np.int64)
+    rows = train_stream(model, ids, chunk=args.chunk)
+    every = max(1, len(rows) // 20)
+    print_table([r for i, r in enumerate(rows) if i % every == every - 1 or i == len(rows) - 1],
+                ["tokens_seen", "tokens_per_cpu_s", "wall_s", "anomaly", "train_nll", "segments", "synapses"])
+    png = args.png or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "img",
+                                   "htm_text_speed.png")
+    plot_curve(rows, png, f"HTM micro (bounded), tinyshakespeare first {len(ids) - 1:,} chars, learning on")
+    total = rows[-1]["tokens_seen"]
+    figures = {
+        "tokens": total,
+        "tokens_per_cpu_s": rate(rows),
+        "tokens_per_cpu_s_first_100k": rate(rows, first=100_000),
+        "tokens_per_cpu_s_last_100k": rate(rows, last=100_000),
+        "min_chunk_tokens_per_cpu_s": min(r["tokens_per_cpu_s"] for r in rows),
+        "final_segments": rows[-1]["segments"],
+        "final_synapses": rows[-1]["synapses"],
+        "final_anomaly": rows[-1]["anomaly"],
+        "cpu_s": sum(r["cpu_s"] for r in rows),
+    }
+    print(f"\n{total:,} tokens: {figures['tokens_per_cpu_s']:.0f} tokens/CPU-s overall, "
+          f"last 100k {figures['tokens_per_cpu_s_last_100k']:.0f}; curve in {png}")
+    print_result(figures, {"text": "tinyshakespeare", "chars": chars, "chunk": args.chunk, "model": BOUNDED,
+                           "quick": args.quick, "load_average": os.getloadavg()[0]})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer passes and SP steps (< 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer passes and SP steps (< 1 minute); with --text 100k chars")
+    ap.add_argument("--text", action="store_true", help="tokens/s against tokens seen on real text, learning on")
+    ap.add_argument("--chars", type=int, default=None, help="--text: characters to learn (default 1,000,000)")
+    ap.add_argument("--chunk", type=int, default=2000, help="--text: tokens per process() call and curve point")
+    ap.add_argument("--data", default=None, help="--text: the text file (default tinyshakespeare)")
+    ap.add_argument("--png", default=None, help="--text: where the curve goes (default docs/img/htm_text_speed.png)")
     ap.add_argument("--passes", type=int, default=None, help="passes over the 20 sequences (default 6, quick 3)")
     ap.add_argument("--sp-steps", type=int, default=None, help="spatial pooler steps per mode (default 2000, quick 300)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.text:
+        return text_main(args)
     passes = args.passes or (3 if args.quick else 6)
     sp_steps = args.sp_steps or (300 if args.quick else 2000)
     n_cols, cpc, n_active, n_seq, seq_len = 2048, 32, 40, 20, 50

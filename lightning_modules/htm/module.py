@@ -31,6 +31,7 @@ import torch
 from memlm.callbacks.throughput import TokenThroughput
 from memlm.lightning_modules.base import MemLMModule, sample_next
 from memlm.models.htm.classifier import SDRClassifier
+from memlm.models.htm.context import WordContext, merge_csr
 from memlm.models.htm.encoder import TokenEncoder
 from memlm.models.htm.spatial_pooler import SpatialPooler
 from memlm.models.htm.temporal_memory import StreamState, TemporalMemory
@@ -93,6 +94,10 @@ class HTMLanguageModel(MemLMModule):
         classifier_alpha: float = 1.0,
         classifier_input: Literal["active", "winners"] = "winners",
         prob_floor: float = 1e-5,
+        narrow_bursts: bool = False,
+        context_words: int = 0,
+        context_bits: int = 2048,
+        context_bits_per_word: int = 4,
         reset_on_eos: bool = True,
         seed: int = 42,
     ) -> None:
@@ -128,8 +133,14 @@ class HTMLanguageModel(MemLMModule):
             max_new_synapse_count=max_new_synapse_count, permanence_increment=permanence_increment,
             permanence_decrement=permanence_decrement, predicted_segment_decrement=predicted_segment_decrement,
             max_segments_per_cell=max_segments_per_cell, max_synapses_per_segment=max_synapses_per_segment, seed=seed,
+            narrow_bursts_in_inference=narrow_bursts,
         )
         n_in = columns * cells_per_column
+        # the prompt-level context signal (models/htm/context.py): classifier inputs after the cells
+        self.context = (WordContext(context_bits, context_bits_per_word, context_words, seed)
+                        if context_words > 0 else None)
+        if self.context is not None:
+            n_in += self.context.size
         self.classifier = SDRClassifier(n_in, self.vocab_size, alpha=classifier_alpha, prob_floor=prob_floor)
         self.sp_learn = bool(sp_learn)
         self.reset_on_eos = bool(reset_on_eos)
@@ -180,12 +191,13 @@ class HTMLanguageModel(MemLMModule):
 
     def state_to_dict(self, state: list[StreamState]) -> dict[str, torch.Tensor]:
         # cell counts differ per row, so each row is its own pair of tensors (HTM runs on one rank)
-        rows = [_to_tensors({"active": s.active, "winners": s.winners}) for s in state]
+        rows = [_to_tensors({"active": s.active, "winners": s.winners, "context": s.context}) for s in state]
         return flatten_tensors({"streams": rows})
 
     def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> list[StreamState]:
         rows = unflatten_tensors(dict(tensors)).get("streams", []) if tensors else []
-        return [StreamState(r["active"].cpu().numpy().astype(np.int32), r["winners"].cpu().numpy().astype(np.int32))
+        return [StreamState(r["active"].cpu().numpy().astype(np.int32), r["winners"].cpu().numpy().astype(np.int32),
+                            r["context"].cpu().numpy().astype(np.int64) if "context" in r else np.zeros(0, np.int64))
                 for r in rows]
 
     def _table(self) -> np.ndarray:
@@ -230,13 +242,34 @@ class HTMLanguageModel(MemLMModule):
         off = np.arange(len(tokens) + 1, dtype=np.int64) * w
         if self.sp is not None:
             flat, off = self.sp.run(flat, off, learn=learn and self.sp_learn)
+        context_before = self.tm.stream.context
         out = self.tm.run(flat, off, learn=learn)
         if self.classifier_input == "active":
             bits, bits_off = out.active, out.active_off
         else:
             bits, bits_off = out.winners, out.winners_off
+        if self.context is not None:
+            bits, bits_off = self._with_context(tokens, bits, bits_off, context_before)
         nll, pred, logp = self.classifier.run(bits, bits_off, targets, learn=learn, want_logp=want_logp)
         return nll, pred, out.anomaly, logp
+
+    def _context_table(self) -> None:
+        if len(self.context.in_word) != self.vocab_size:
+            if self.tokenizer is None:
+                raise MemLMError("context_words needs the tokenizer's token texts; call set_tokenizer first")
+            self.context.set_token_texts(
+                [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)])
+
+    def _with_context(self, tokens, bits, bits_off, state):
+        """Append the word-context bits (shifted past the cells) to each step's classifier input."""
+        self._context_table()
+        c_flat, c_off, new_state = self.context.run(tokens, state)
+        self.tm.stream.context = new_state
+        flat = np.empty(len(bits) + len(c_flat), dtype=np.int32)
+        off = np.empty_like(bits_off)
+        merge_csr(np.ascontiguousarray(bits, dtype=np.int32), bits_off, c_flat, c_off,
+                  self.tm.num_cells, flat, off)
+        return flat, off
 
     def _run_batch(self, batch: dict, mode: str, learn: bool) -> dict:
         x = batch["input_ids"].detach().cpu().numpy()
@@ -348,6 +381,92 @@ class HTMLanguageModel(MemLMModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.load_htm_state(checkpoint.get("htm_state"))
+
+    # -- learning while chatting --------------------------------------------------------------
+    @torch.no_grad()
+    def learn_text(self, ids: list[int], passes: int = 1) -> None:
+        """Learn a token sequence online (SP, TM and classifier), each pass from a fresh context.
+
+        A fact seen once grows segments at ``initial_permanence``, below ``connected_permanence``;
+        a few passes (rehearsal) connect them so the sequence is predicted, not only matched."""
+        ids_np = np.asarray(list(ids), dtype=np.int64)
+        if len(ids_np) < 2:
+            return
+        saved = self.tm.stream
+        try:
+            for _ in range(max(1, int(passes))):
+                self.tm.reset()
+                self.process(ids_np[:-1], ids_np[1:], learn=True)
+        finally:
+            self.tm.stream = saved
+
+    def config_fingerprint(self) -> str:
+        """Identifies the configuration (init args and tokenizer) a learned state belongs to."""
+        import hashlib
+        import json
+
+        args = {k: v for k, v in dict(self.hparams).items() if not str(k).startswith("_")}
+        tok = self.tokenizer.fingerprint() if self.tokenizer is not None else ""
+        return hashlib.sha256(json.dumps([args, tok], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def save_learned_state(self, path: str) -> None:
+        """Write the learned state (tensors only) to ``path`` atomically: a temporary file in the
+        same folder, flushed to disk, then renamed over the target, so a kill leaves the old or the new file."""
+        import os
+        import tempfile
+
+        payload = {"htm_state": self.htm_state(), "memlm_learned_state": {"config": self.config_fingerprint()}}
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".htm-state-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_learned_state(self, path: str) -> None:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise MemLMError(f"cannot read the learned state {path} ({type(exc).__name__}); delete it or pass another path") from exc
+        meta = payload.get("memlm_learned_state") if isinstance(payload, dict) else None
+        if meta is None or "htm_state" not in payload:
+            raise MemLMError(f"{path} is not an HTM learned-state file; pass another path")
+        if meta.get("config") != self.config_fingerprint():
+            raise MemLMError(f"{path} was learned by another configuration (config {meta.get('config')}, this "
+                             f"checkpoint {self.config_fingerprint()}); pass another state path or delete it")
+        self.load_htm_state(payload["htm_state"])
+
+    # -- embedding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """A text's vector: how often each spatial-pooler column was active over the text (its bag
+        of SDRs), then the word-context union at the end when the model has one; each part L2-normalised.
+
+        Learning is off and the learned state is untouched; texts that share characters and words
+        share columns and bits, so cosine similarity measures their overlap."""
+        ids_np = np.asarray(list(ids), dtype=np.int64)
+        if len(ids_np) == 0:
+            raise MemLMError("embed() needs at least one token; pass a non-empty text")
+        table = self._table()
+        flat = table[ids_np].reshape(-1)
+        off = np.arange(len(ids_np) + 1, dtype=np.int64) * table.shape[1]
+        if self.sp is not None:
+            flat, off = self.sp.run(flat, off, learn=False)
+        cols = np.bincount(flat, minlength=self.tm.columns).astype(np.float32)
+        parts = [cols / max(float(np.linalg.norm(cols)), 1e-12)]
+        if self.context is not None:
+            self._context_table()
+            _, _, state = self.context.run(ids_np, self.context.empty_state())
+            words = np.zeros(self.context.size, dtype=np.float32)
+            words[self.context.state_bits(state)] = 1.0
+            parts.append(words / max(float(np.linalg.norm(words)), 1e-12))
+        return torch.from_numpy(np.concatenate(parts))
 
     # -- chat protocol ----------------------------------------------------------------------
     @torch.no_grad()

@@ -43,6 +43,11 @@ One step (``compute``), for sorted active columns:
    active segments are the predictive cells. Raw anomaly = fraction of active columns that
    had no predictive cell.
 
+Inference option ``narrow_bursts_in_inference`` (learning off only, so no learning rule
+changes): an unpredicted column that has a matching segment activates only that segment's
+cell instead of bursting, so a context that is partly learned is narrowed, not replaced by
+"every context ending in this input". Without a matching segment the column still bursts.
+
 Every call starts by recomputing the segment activity of the stored previous active cells
 (a pure function of the synapses), so the only per-stream state is (previous active cells,
 previous winner cells): several independent streams can share one memory by swapping that
@@ -50,7 +55,7 @@ state (see :class:`StreamState`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -70,7 +75,7 @@ C_SYN_CREATED, C_SYN_AT_DEFRAG = 7, 8  # synapses ever created; that number at t
 # float params
 P_CONNECTED, P_INITIAL, P_INC, P_DEC, P_PSD = 0, 1, 2, 3, 4
 # int params
-I_CPC, I_ACT, I_MIN, I_NEW, I_MAXSEG, I_MAXSYN = 0, 1, 2, 3, 4, 5
+I_CPC, I_ACT, I_MIN, I_NEW, I_MAXSEG, I_MAXSYN, I_NARROW = 0, 1, 2, 3, 4, 5, 6
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,6 +93,20 @@ def _rand_u64(rng):
 @njit(cache=True)
 def _rand_below(rng, n):
     return np.int64((_rand_u64(rng) >> np.uint64(11)) % np.uint64(n))
+
+
+@njit(cache=True)
+def _hash_below(seed, key, n):
+    """A fixed pseudo-random number in [0, n) for (seed, key): splitmix64's finaliser.
+
+    Inference breaks ties with this instead of the generator, so the choice depends only on
+    the column, never on how many draws came before it in the same call: a context fed token
+    by token and the same context fed at once pick the same winner cells."""
+    x = seed ^ (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return np.int64((x >> np.uint64(11)) % np.uint64(n))
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,8 +337,8 @@ def _activate(active, n_active, learn, segs, seg_counts, syns, perm, cell_first_
         if seg_counts[g, 0] >= min_thr:
             match_segs[nm] = key
             nm += 1
-    act_segs[:na] = np.sort(act_segs[:na])
-    match_segs[:nm] = np.sort(match_segs[:nm])
+    act_segs[:na].sort()  # in place: no allocation per step
+    match_segs[:nm].sort()  # in place: no allocation per step
     low = np.int64(0xFFFFFFFF)
     for i in range(na):
         act_segs[i] = act_segs[i] & low
@@ -336,11 +355,14 @@ def _tm_run(
     segs, seg_counts, syns, perm, cell_first_syn, cell_first_seg, cell_nseg, seg_free, syn_free, counters, rng,
     prev_active, prev_winners, n_prev,  # in/out: n_prev = [n_active, n_winners]
     out_active, out_active_off, out_winners, out_winners_off, out_anomaly, out_predictive, n_pred,
-    seg_reserve, syn_reserve,
+    seg_reserve, syn_reserve, defrag_at,
 ):
     """Run compute() over T steps. Stops early (returns the steps done) when the free
-    capacity drops under the reserve one step may need; the caller grows and resumes."""
+    capacity drops under the reserve one step may need, or when learning has created
+    ``defrag_at`` synapses in all (the presynaptic lists are then scattered over memory and
+    every visit is a cache miss); the caller grows or defragments and resumes."""
     cpc = iparams[I_CPC]
+    narrow = (not learn) and iparams[I_NARROW] != 0
     max_new = iparams[I_NEW]
     max_seg = iparams[I_MAXSEG]
     max_syn = iparams[I_MAXSYN]
@@ -380,6 +402,8 @@ def _tm_run(
         c1 = cols_off[t + 1]
         n_cols_active = c1 - c0
         if learn:
+            if counters[C_SYN_CREATED] >= defrag_at:
+                break
             free_seg = seg_cap - counters[C_SEG_HW] + counters[C_SEG_FREE]
             free_syn = syn_cap - counters[C_SYN_HW] + counters[C_SYN_FREE]
             if free_seg < n_cols_active + 1 or free_syn < (na + n_cols_active) * max_new + 1:
@@ -425,15 +449,19 @@ def _tm_run(
             if col_state[col] == 2:
                 continue
             n_burst += 1
-            for k in range(cpc):
-                new_active[n_new] = col * cpc + k
-                n_new += 1
             best = -1
             if col_match_start[col] != -1:
                 for j in range(col_match_start[col], col_match_end[col]):
                     g = match_segs[j]
                     if best == -1 or seg_counts[g, 0] > seg_counts[best, 0]:
                         best = g
+            if narrow and best != -1:  # inference: the matching cell keeps the context, no burst
+                new_active[n_new] = segs[S_CELL, best]
+                n_new += 1
+            else:
+                for k in range(cpc):
+                    new_active[n_new] = col * cpc + k
+                    n_new += 1
             if best != -1:
                 winner = segs[S_CELL, best]
                 if learn:
@@ -451,7 +479,7 @@ def _tm_run(
                 for k in range(cpc):
                     if cell_nseg[col * cpc + k] == fewest:
                         n_ties += 1
-                pick = _rand_below(rng, n_ties)
+                pick = _rand_below(rng, n_ties) if learn else _hash_below(rng[0], col, n_ties)
                 winner = -1
                 for k in range(cpc):
                     if cell_nseg[col * cpc + k] == fewest:
@@ -485,8 +513,8 @@ def _tm_run(
         # 4. the new state becomes the previous state
         for i in range(n_pa):
             prev_mark[prev_active[i]] = 0
-        new_active[:n_new] = np.sort(new_active[:n_new])
-        new_winners[:n_win] = np.sort(new_winners[:n_win])
+        new_active[:n_new].sort()  # in place: no allocation per step
+        new_winners[:n_win].sort()  # in place: no allocation per step
         for i in range(n_new):
             prev_active[i] = new_active[i]
             prev_mark[new_active[i]] = 1
@@ -573,17 +601,21 @@ def _defragment(syns, segs, cell_first_syn, counters):
 
 @dataclass
 class StreamState:
-    """The per-stream part of the temporal memory: previous active and winner cells."""
+    """The per-stream part of the temporal memory: previous active and winner cells.
+
+    ``context`` is carried along untouched for the layers above (the language model keeps its
+    word-context state there, so one object is the whole per-stream state); reset clears it."""
 
     active: np.ndarray
     winners: np.ndarray
+    context: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def empty(cls) -> "StreamState":
         return cls(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))
 
     def copy(self) -> "StreamState":
-        return StreamState(self.active.copy(), self.winners.copy())
+        return StreamState(self.active.copy(), self.winners.copy(), self.context.copy())
 
 
 @dataclass
@@ -627,10 +659,11 @@ class TemporalMemory:
         max_segments_per_cell: int = 255,
         max_synapses_per_segment: int = 255,
         seed: int = 42,
+        narrow_bursts_in_inference: bool = False,
         initial_segment_capacity: int = 1024,
         initial_synapse_capacity: int = 16384,
         defrag_min: int = 4096,
-        defrag_ratio: int = 4,
+        defrag_ratio: int = 32,  # re-sort once 1/32 of the synapses are new: scattered lists cost a cache miss per visit
     ):
         if min_threshold < 1 or activation_threshold < 1:
             raise MemLMError("temporal memory thresholds must be >= 1; raise min_threshold / activation_threshold")
@@ -646,7 +679,7 @@ class TemporalMemory:
         )
         self.iparams = np.array(
             [cells_per_column, activation_threshold, min_threshold, max_new_synapse_count, max_segments_per_cell,
-             max_synapses_per_segment],
+             max_synapses_per_segment, int(bool(narrow_bursts_in_inference))],
             dtype=np.int64,
         )
         self._alloc_segments(int(initial_segment_capacity))
@@ -703,9 +736,14 @@ class TemporalMemory:
         n = _defragment(self.syns, self.segs, self.cell_first_syn, c)
         self.perm[n:, Y_PERM] = 0.0
 
-    def _maybe_defragment(self) -> None:
+    def _defrag_at(self) -> int:
+        """The synapses-ever-created count at which the next defragment is due: once the
+        synapses grown since the last one reach ``1 / defrag_ratio`` of the live ones."""
         c = self.counters
-        if c[C_SYN_CREATED] - c[C_SYN_AT_DEFRAG] >= max(self.defrag_min, int(c[C_NSYN]) // self.defrag_ratio):
+        return int(c[C_SYN_AT_DEFRAG]) + max(self.defrag_min, int(c[C_NSYN]) // self.defrag_ratio)
+
+    def _maybe_defragment(self) -> None:
+        if self.counters[C_SYN_CREATED] >= self._defrag_at():
             self.defragment()
 
     # -- compute -------------------------------------------------------------------------
@@ -738,9 +776,11 @@ class TemporalMemory:
         syn_res = np.zeros(1, dtype=np.int64)
         if learn:
             self._maybe_defragment()
-        # inference draws its tie-breaks from a copy: learning off changes no state at all
+        # inference breaks ties by a hash of (generator state, column) and draws nothing, so learning
+        # off changes no state and its result does not depend on how the sequence is split into calls
         rng = self.rng if learn else self.rng.copy()
         t = 0
+        never = np.iinfo(np.int64).max
         while True:
             done = _tm_run(
                 cols_flat, cols_off[t:], bool(learn), self.columns, self.fparams, self.iparams,
@@ -748,13 +788,16 @@ class TemporalMemory:
                 self.cell_nseg, self.seg_free, self.syn_free, self.counters, rng,
                 prev_active, prev_winners, n_prev,
                 out_active, out_active_off[t:], out_winners, out_winners_off[t:], out_anomaly[t:], predictive, n_pred,
-                seg_res, syn_res,
+                seg_res, syn_res, self._defrag_at() if learn else never,
             )
             t += done
             if t >= n_steps:
                 break
-            self._grow(int(seg_res[0]), int(syn_res[0]))
-        self.stream = StreamState(prev_active[: n_prev[0]].copy(), prev_winners[: n_prev[1]].copy())
+            if self.counters[C_SYN_CREATED] >= self._defrag_at():
+                self.defragment()
+            else:
+                self._grow(int(seg_res[0]), int(syn_res[0]))
+        self.stream = StreamState(prev_active[: n_prev[0]].copy(), prev_winners[: n_prev[1]].copy(), self.stream.context)
         self.predictive_cells = predictive[: n_pred[0]].copy()
         if n_steps:
             self.anomaly = float(out_anomaly[-1])

@@ -191,3 +191,40 @@ def test_embed_measures_text_overlap(model):
             assert torch.equal(t, model.htm_state()[k][name]), name
     with pytest.raises(MemLMError):
         model.embed([])
+
+
+def test_serve_learn_learns_saves_and_logs_through_the_real_server(tmp_path):
+    """serve.py --learn --log: each chat completion is learned (the synapses grow), the state is
+    saved every --save-every exchanges and at shutdown, and every exchange is one JSON line."""
+    import json
+
+    import httpx
+
+    from memlm.apps.serve import BackgroundServer, ServerState, attach_learning, create_app, parse_args
+
+    learner = dialogue_model(passes=5)
+    state_path, log = tmp_path / "htm.learned.pt", tmp_path / "serve.jsonl"
+    args = parse_args(["--ckpt", str(tmp_path / "htm.ckpt"), "--learn", "--learn-state", str(state_path),
+                       "--save-every", "2", "--log", str(log)])
+    state = ServerState(LocalBackend(learner, name="htm"), "htm")
+    attach_learning(state, args)
+    server = BackgroundServer(create_app(state))
+    url = server.start()
+    steps = [learner.tm.iteration]  # learned temporal-memory steps (the synapse count may fall: pruning)
+    try:
+        for i, q in enumerate([FACT, OTHER_TURNS[0], OTHER_TURNS[1]]):
+            r = httpx.post(f"{url}/chat/completions", json={"temperature": 0, "max_tokens": 8,
+                                                            "messages": [{"role": "user", "content": q}]}, timeout=60)
+            assert r.status_code == 200, r.text
+            steps.append(learner.tm.iteration)
+            assert state_path.exists() == (i >= 1)  # saved after the 2nd exchange, not the 1st
+    finally:
+        server.stop()
+        state.close()
+    # each exchange learned its user turn, 3 rehearsals of every token but the last
+    assert np.diff(steps).tolist() == [3 * len(state.backend.encode(q)) for q in [FACT, OTHER_TURNS[0], OTHER_TURNS[1]]]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["user"] for r in rows] == [FACT, OTHER_TURNS[0], OTHER_TURNS[1]] and all(r["learned"] for r in rows)
+    fresh = dialogue_model(passes=5)
+    fresh.load_learned_state(str(state_path))  # the 3rd exchange was saved at shutdown
+    assert fresh.tm.num_synapses == learner.tm.num_synapses

@@ -321,3 +321,25 @@ def test_high_order_sequences_predict_from_first_element():
         assert pred == set(letters[want].tolist()), (seq, pred)
         assert not pred & set(letters[other].tolist())
         assert tm.anomaly == 0.0  # D itself was predicted (by C in this context)
+
+
+def test_defragmenting_inside_a_run_keeps_behaviour():
+    """run() stops, re-sorts the synapses and resumes once enough were grown; the cells, the
+    predictions and the learned segments equal those of a run that never defragments."""
+    from memlm.models.htm.temporal_memory import C_SYN_AT_DEFRAG
+
+    rng = np.random.default_rng(5)
+    seq = [np.sort(rng.choice(32, 5, replace=False)).astype(np.int32) for _ in range(40)]
+    flat, off = np.concatenate(seq * 3), np.arange(121, dtype=np.int64) * 5
+    often, never = make_tm(), make_tm()
+    often.defrag_min, often.defrag_ratio = 64, 1 << 30
+    never.defrag_min = 1 << 40
+    a, b = often.run(flat, off), never.run(flat, off)
+    assert often.counters[C_SYN_AT_DEFRAG] > 0 and never.counters[C_SYN_AT_DEFRAG] == 0  # it did defragment mid-run
+    np.testing.assert_array_equal(a.active, b.active)
+    np.testing.assert_array_equal(a.winners, b.winners)
+    np.testing.assert_array_equal(often.predictive_cells, never.predictive_cells)
+    assert often.num_synapses == never.num_synapses and often.num_segments == never.num_segments
+    for cell in range(often.num_cells):
+        for g in often.segments_of(cell):
+            assert often.synapses_of(g) == never.synapses_of(g)
