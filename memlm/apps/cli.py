@@ -382,6 +382,12 @@ class MemLMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        # finish the W&B run here rather than at interpreter exit: under srun the job step ends
+        # with the process, and an offline run's last history rows must be on disk for `wandb sync`
+        for logger in trainer.loggers:
+            run = getattr(logger, "_experiment", None)
+            if run is not None and type(logger).__name__ == "WandbLogger" and hasattr(run, "finish"):
+                run.finish()
         ckpt_cb = trainer.checkpoint_callback
         last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb and ckpt_cb.dirpath else None
         if trainer.global_rank != 0:

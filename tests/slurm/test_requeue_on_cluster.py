@@ -140,6 +140,9 @@ def test_requeued_job_resumes_from_the_newest_checkpoint_and_matches_an_uninterr
     assert {r.run.run_id for f in files for r in wb.wandb_records(f) if r.WhichOneof("record_type") == "run"} == {run_id}
     # the first attempt logged steps 0-6, the requeued one continues at 7 (not from 0)
     assert sorted(set(wb.history_steps(files[0]))) == list(range(HOLD_AT))
+    deadline = time.monotonic() + 60  # the second attempt's writer may still be flushing on a loaded machine
+    while not wb.history_steps(files[1]) and time.monotonic() < deadline:
+        time.sleep(1)
     assert sorted(set(wb.history_steps(files[1]))) == list(range(HOLD_AT, MAX_STEPS))
     print(f"\nslurm requeue: signal after {t_signal - t0:.0f} s, requeued job done {t_done - t_signal:.0f} s later, "
           f"reference run {time.monotonic() - t_done:.0f} s")
