@@ -20,6 +20,10 @@ pairs (4, 8, 16, 32; keys = 4 x pairs), and against slots at 8 pairs (full run o
 ``capacity_pairs_at_50pct_hamt`` is where that curve crosses 50% (log-interpolated; 0 when it never
 reaches it, the largest tested count when it never falls below).
 
+RESULT keys are built as ``<task>_acc_<N>x_<model>``; the headline ones are passkey_acc_16x_hamt,
+passkey_acc_16x_transformer, mqar8_acc_4x_hamt, mqar8_acc_4x_transformer and
+capacity_pairs_at_50pct_hamt.
+
 ``--task bound`` (seconds, no training): the recall one slot could reach with exact random keys, against
 the key dimension (64/128/256) and the number of pairs, and with decay (``slot_recall_bound``).
 

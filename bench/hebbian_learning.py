@@ -2,6 +2,11 @@
 
     python bench/hebbian_learning.py [--quick]
 
+The research comparisons (rate vs LIF, learned vs fixed vocabularies, Hebbian vs an online
+gradient model) live in the sibling ``bench/hebbian_compare.py``, whose RESULT line holds
+acc_after_5_rate, acc_after_5_lif, acc_after_5_gradient, retention_rate, retention_lif and
+units_per_sec_lif.
+
 1. Exposure curve: a stream of short distinct sentences is presented again and again (each
    pass in a new shuffled order, learning on). After each pass, next-unit accuracy is
    measured on a fresh repetition of every sentence with learning off (held-out

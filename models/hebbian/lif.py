@@ -41,7 +41,8 @@ import torch
 
 from memlm.models.hebbian.network import (
     _HASH_STEP, _HEAD, _LEARN_STEPS, _N_ACTIVE, _N_HIST, _N_T0, _P_BUDGET, _P_C, _P_DECAY, _P_DEP, _P_GAMMA, _P_HEB,
-    _P_K, _P_LR, _P_LTD, _P_S, _P_SEED, _P_THR, _P_WMAX, NO_CONTEXT, ColumnNetwork, _compute_drives, _hash01, njit,
+    _P_K, _P_LR, _P_LTD, _P_S, _P_SEED, _P_THR, _P_WMAX, NO_CONTEXT, ColumnNetwork, _compute_drives, _hash01,
+    _strongest_unit, njit,
 )
 
 # lif params slots (float64 array)
@@ -117,15 +118,7 @@ def _run_lif(ids, learn, targets, weights, usage, alive, drive_0, touched_0, dri
         if n_hist == 0:
             preds[i] = NO_CONTEXT
         else:
-            best = -1
-            best_v = 0.0
-            for j in range(state[_N_T0]):
-                t = touched_0[j]
-                val = drive_c[t]
-                u = t // C
-                if alive[u] and drive_0[t] >= thr and (val > best_v or (val == best_v and best >= 0 and u < best)):
-                    best_v = val
-                    best = u
+            best, best_v = _strongest_unit(touched_0, state[_N_T0], drive_c, drive_0, alive, thr, C)
             preds[i] = best if best_v >= thr else -1
         now0 = clock[0]
         # 2. heterosynaptic decay of the last winners' synapses, before this window's STDP

@@ -176,6 +176,23 @@ def _potentiate_row(targets, weights, r, posts, n_post, g, wmax, hit):
 
 
 @njit(cache=True)
+def _strongest_unit(touched, n_touched, drive, gate, alive, thr, C):
+    """The live unit with the largest ``drive`` among the touched neurons whose ``gate`` drive
+    reaches ``thr`` (ties: lowest unit id); (-1, 0.0) when none. ``gate`` is ``drive`` itself for
+    the burst fallback, the last winners' drive for the in-context prediction."""
+    best = -1
+    best_v = 0.0
+    for j in range(n_touched):
+        t = touched[j]
+        v = drive[t]
+        u = t // C
+        if alive[u] and gate[t] >= thr and (v > best_v or (v == best_v and best >= 0 and u < best)):
+            best_v = v
+            best = u
+    return best, best_v
+
+
+@njit(cache=True)
 def _run(ids, learn, targets, weights, usage, alive, drive_0, touched_0, drive_c, touched_c, drive_g, touched_g, active,
          hist, hist_n, state, params, preds):
     """Present ``ids`` in order. Writes each step's prediction into ``preds``; returns sum |dw|."""
@@ -210,24 +227,10 @@ def _run(ids, learn, targets, weights, usage, alive, drive_0, touched_0, drive_c
         if n_hist == 0:
             preds[i] = NO_CONTEXT
         else:
-            best = -1
-            best_v = 0.0
-            for j in range(state[_N_T0]):
-                t = touched_0[j]
-                v = drive_c[t]
-                u = t // C
-                if alive[u] and drive_0[t] >= thr and (v > best_v or (v == best_v and best >= 0 and u < best)):
-                    best_v = v
-                    best = u
+            best, best_v = _strongest_unit(touched_0, state[_N_T0], drive_c, drive_0, alive, thr, C)
             if best < 0:
-                best_v = 0.0
-                for j in range(state[_N_TG]):
-                    t = touched_g[j]
-                    v = drive_g[t]
-                    u = t // C
-                    if alive[u] and (v > best_v or (v == best_v and best >= 0 and u < best)):
-                        best_v = v
-                        best = u
+                # the burst fallback has no gate of its own: any positive drive may win, as before
+                best, best_v = _strongest_unit(touched_g, state[_N_TG], drive_g, drive_g, alive, -np.inf, C)
             preds[i] = best if best_v >= thr else -1
         # 2. k-winners-take-all inside column y. A neuron is predicted in context when the last
         #    winners alone drive it to threshold; the trace (older lags) only ranks candidates.
