@@ -47,3 +47,14 @@ def test_header_requests_requeue_and_an_early_signal():
     assert "#SBATCH --requeue" in header and "#SBATCH --open-mode=append" in header
     # the signal goes to the job steps (no "B:" prefix), where Lightning's ranks listen for it
     assert "#SBATCH --signal=SIGUSR1@90" in header
+
+
+def test_a_config_with_its_own_strategy_keeps_it(tmp_path):
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_NODE": "8"}
+    fsdp = str(ROOT / "configs" / "hmst_base_fsdp.yaml")
+    argv = render(tmp_path, env, fsdp)
+    assert not any(a.startswith("--trainer.strategy") for a in argv), shlex.join(argv)
+    # STRATEGY, or an override, still chooses
+    assert "--trainer.strategy=deepspeed" in render(tmp_path, {**env, "STRATEGY": "deepspeed"}, fsdp)
+    argv = render(tmp_path, env, fsdp, "--trainer.strategy=ddp")
+    assert argv[-1] == "--trainer.strategy=ddp"
