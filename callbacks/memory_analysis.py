@@ -4,7 +4,8 @@ Every ``every_n_steps`` training steps the callback asks the model to collect pe
 statistics for that one step (``model.collect_stats``), logs scalars ``mem/L{i}/...`` and keeps
 a history. At every ``plot_every_n_steps`` step and at the end of fit it renders PNGs into
 ``<run dir>/memory_analysis/`` and hands them to the logger: ``log_image`` (W&B, online or offline)
-or ``add_image`` (TensorBoard).
+or ``add_image`` (TensorBoard). Each analysed step's write-gate values per layer also go out as
+a histogram (``memory_analysis/L{i}/write_gates``, see ``histograms.log_histograms``).
 
 Figures:
 - ``slot_norms.png``: per layer, heatmap of the RMS norm of each slot (y) over training steps (x);
@@ -23,6 +24,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+
+from memlm.callbacks.histograms import log_histograms
 
 
 def _model_of(pl_module):
@@ -56,6 +59,7 @@ class MemoryAnalysis(L.Callback):
         for i, s in enumerate(layers):
             for k in ("fidelity", "utilisation", "write_util", "gate_mean", "gate_std", "slot_norm_mean"):
                 pl_module.log(f"mem/L{i}/{k}", float(s[k]), on_step=True, on_epoch=False, rank_zero_only=True)
+        log_histograms(trainer, {f"memory_analysis/L{i}/write_gates": s["gate_hist"] for i, s in enumerate(layers)}, step)
         if step > 0 and step % self.plot_every_n_steps < self.every_n_steps:
             self.render(trainer)
 
@@ -81,7 +85,7 @@ class MemoryAnalysis(L.Callback):
         }
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.history:
+        if self.history and self.history[-1]["step"] != getattr(self, "_rendered_step", None):
             self.render(trainer)
 
     # -- plots ------------------------------------------------------------------------------
@@ -146,6 +150,7 @@ class MemoryAnalysis(L.Callback):
         paths.append(p)
 
         self._log_images(trainer, paths, int(steps[-1]))
+        self._rendered_step = int(steps[-1])
         self.saved = [str(p) for p in paths]
         return self.saved
 

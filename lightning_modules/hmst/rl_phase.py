@@ -148,6 +148,7 @@ class RLPhase:
             out = module(x, state=module.carried_state, gate_mode="sample", return_exit_logits=True)
             seconds = time.perf_counter() - t0
         module.carried_state = module.detach_state(out.state)
+        module.last_gate_decision = out.decision  # the sampled policy, for GateHistograms
         parts = self.row_rewards(module, x, y, out, seconds)
         self.rollout.add(out.decision, out.pooled, out.features, parts["total"])
         if self.write_memory:

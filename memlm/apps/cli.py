@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.cli import LightningCLI
 
 from memlm.callbacks.checkpointing import FinalLastCheckpoint
+from memlm.callbacks.histograms import GateHistograms
 from memlm.callbacks.progress import StepProgress
 from memlm.callbacks.summary import MemLMModelSummary
 from memlm.callbacks.slurm_requeue import SlurmRequeue, resume_checkpoint
@@ -353,6 +354,8 @@ class MemLMCLI(LightningCLI):
             cbs.append(MemLMModelSummary())
         if not any(isinstance(c, SlurmRequeue) for c in cbs):
             cbs.append(SlurmRequeue())
+        if hasattr(module, "last_gate_decision") and not any(isinstance(c, GateHistograms) for c in cbs):
+            cbs.append(GateHistograms())  # HMST's gate distributions on the dashboard (W&B, TensorBoard)
         config["callbacks"] = cbs
         return super()._instantiate_trainer(config, callbacks)
 

@@ -1,5 +1,5 @@
 """The W&B run a fit creates (offline here) carries what dashboards group and filter by,
-read back from the offline run file (see wandb_offline.py)."""
+read back from the offline run file (see memlm/apps/wandb_offline.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
-from wandb_offline import wandb_records
+from memlm.apps.wandb_offline import wandb_records
 
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[2]

@@ -68,13 +68,9 @@ def _wait_for(pred, what: str, cluster, timeout: float = 180.0) -> None:
 
 
 def _wandb_offline():
-    """tests/apps/wandb_offline.py (the offline run-file reader), loaded by path."""
-    import importlib.util
+    from memlm.apps import wandb_offline
 
-    spec = importlib.util.spec_from_file_location("wandb_offline", ROOT / "tests" / "apps" / "wandb_offline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return wandb_offline
 
 
 def _output(workdir: Path, job: str) -> str:

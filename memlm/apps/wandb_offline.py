@@ -44,3 +44,23 @@ def history_steps(path: Path, key: str = "trainer/global_step") -> list[int]:
             if key in row:
                 steps.append(int(row[key]))
     return steps
+
+
+def history_rows(path: Path) -> list[dict]:
+    """Every history row as ``{key: value}``; W&B splits media and histograms into nested items
+    (``key/_type``, ``key/values``, ...), which are regrouped here into one dict per key."""
+    rows = []
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row: dict = {}
+        for item in rec.history.item:
+            value = json.loads(item.value_json)
+            keys = [item.key] if item.key else list(item.nested_key)
+            if len(keys) == 1:
+                row[keys[0]] = value
+            else:
+                *head, leaf = keys
+                row.setdefault("/".join(head), {})[leaf] = value
+        rows.append(row)
+    return rows
