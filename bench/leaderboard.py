@@ -43,6 +43,7 @@ from memlm.core.errors import MemLMError, run_main  # noqa: E402
 
 ARCHITECTURES = {  # name -> config; every one on the same data settings
     "transformer": "configs/transformer_micro_shakespeare.yaml",
+    "transformer_wide": "configs/transformer_micro_shakespeare_wide.yaml",
     "hmst": "configs/hmst_micro_shakespeare.yaml",
     "hamt": "configs/hamt_micro_shakespeare.yaml",
     "htm": "configs/htm_micro_shakespeare.yaml",
@@ -128,6 +129,9 @@ def param_counts(module) -> tuple[int, int]:
     from memlm.apps.run_info import parameter_counts
 
     counts = parameter_counts(module)
+    if counts["total"] == 0 and callable(getattr(module, "num_learned_values", None)):  # HTM: synapses, not Parameters
+        n = module.num_learned_values()
+        return n, n
     return counts["total"], counts["active"]
 
 

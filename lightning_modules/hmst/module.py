@@ -140,6 +140,7 @@ class HMSTLanguageModel(LanguageModel):
         self._gate_seed = int(torch.initial_seed()) % (2**63)
         self._gate_rng: torch.Generator | None = None
         self._gate_rng_state: torch.Tensor | None = None  # from a checkpoint, applied on first use
+        self.last_gate_decision = None  # the last training step's GateDecision
         self.base_lr_scale = float(base_lr_scale)
         apply_base_lr(self, self.base_lr_scale)
         # a model built on the meta device (the config hub, size estimates) has no weights to fill
@@ -169,6 +170,10 @@ class HMSTLanguageModel(LanguageModel):
             self._gate_rng, self._gate_rng_state = gen, None
         return self._gate_rng
 
+    def num_active_parameters(self) -> int:
+        """Parameters one token uses: the top-k experts of each MoE layer, not all of them."""
+        return int(self.model.param_counts()["active"])
+
     def flops_per_token(self, seq_len: int) -> float:
         c = self.config
         counts = self.model.param_counts()
@@ -187,6 +192,7 @@ class HMSTLanguageModel(LanguageModel):
         # batch size changes (the model also starts afresh when the rows do not match)
         out: HMSTOutput = self(x, state=self.carried_state)
         self.carried_state = self.detach_state(out.state)
+        self.last_gate_decision = out.decision  # for callbacks.histograms.GateHistograms
         n_tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
         loss = self._token_losses(out.logits, y).sum() / n_tokens
         self._check_finite(loss)
