@@ -1,6 +1,6 @@
 """Every architecture trained from scratch on the same text, in the same wall-clock budget.
 
-    python bench/leaderboard.py [--quick] [--budget-min 10] [--threads 2] [--only transformer,hamt]
+    python bench/leaderboard.py [--quick] [--budget-min 10] [--threads 2] [--only transformer,hamt] [--reuse]
         [--baseline-steps 2000] [--data ../shared/data/tinyshakespeare/input.txt]
 
 - Data: tinyshakespeare, first 90% train, last 10% val, char tokenizer (each
@@ -170,9 +170,25 @@ def markdown(rows: list[dict], settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished_run(snap_dir: Path, budget_min: float) -> bool:
+    """Whether ``snap_dir`` holds every snapshot of a finished run of this budget (its last one
+    written within 5% of ``budget_min``)."""
+    try:
+        elapsed = json.loads((snap_dir / "budget_elapsed.json").read_text())
+    except (OSError, ValueError):
+        return False
+    last = f"budget-{SNAPSHOTS}of{SNAPSHOTS}.ckpt"
+    return (snap_dir / last).is_file() and abs(elapsed.get(last, -1.0) - 60 * budget_min) <= 0.05 * 60 * budget_min
+
+
 def run_architecture(name, config, args, work: Path) -> tuple[dict, list[tuple[float, float]]]:
     snap_dir = work / name / "snapshots"
-    run_dir = train(name, config, work, args.data, args.threads, budget_args(args.budget_min, snap_dir), work / f"{name}.log")
+    if args.reuse and finished_run(snap_dir, args.budget_min):
+        run_dir = work / name / "version_0"
+        print(f"{name}: scoring the finished {args.budget_min:g}-minute run in {run_dir} (--reuse)", flush=True)
+    else:
+        run_dir = train(name, config, work, args.data, args.threads, budget_args(args.budget_min, snap_dir),
+                        work / f"{name}.log")
     elapsed = json.loads((snap_dir / "budget_elapsed.json").read_text())
     steps, tps = steps_and_tokens(run_dir)
     curve, final = [], None
@@ -207,6 +223,8 @@ def main() -> int:
                    "(default 30; 0 with --quick)")
     p.add_argument("--curve-val-batches", type=int, default=16, help="val batches scoring the earlier snapshots "
                    "(the plot's curve; the last snapshot is scored on the full split)")
+    p.add_argument("--reuse", action="store_true", help="score an architecture's finished run of the same budget in "
+                   "<work> instead of training it again (e.g. after an interrupted leaderboard)")
     p.add_argument("--data", default=str((ROOT / "../shared/data/tinyshakespeare/input.txt").resolve()))
     p.add_argument("--work", default=None, help="run folder (default: runs/leaderboard)")
     p.add_argument("--out", default=None, help="Markdown table (default: <work>/leaderboard.md)")

@@ -347,7 +347,7 @@ class HTMLanguageModel(MemLMModule):
     def num_learned_values(self) -> int:
         """HTM learns no nn.Parameters: its learned values are the temporal memory's live synapse
         permanences, the spatial pooler's potential-pool permanences and the classifier's weights."""
-        n = int(self.tm.num_synapses()) + int(self.classifier.weights.size)
+        n = int(self.tm.num_synapses) + int(self.classifier.weights.size)
         if self.sp is not None:
             n += int(self.sp.potential.sum()) if getattr(self.sp, "potential", None) is not None else int(self.sp.perm.size)
         return n
