@@ -203,10 +203,11 @@ class HMSTLanguageModel(LanguageModel):
         if critic is not None:
             aux["critic"] = self.loss_weights["critic"] * critic
         total = loss + self._log_extras(out, aux=aux, on_step=True, on_epoch=False)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self._write_memories(x, out, y)
-        self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
-        self.log("mem/episodic_items", float(len(self.episodic)), on_step=True, on_epoch=False)
+        if self.step_logs_due():  # other steps' values would be dropped by Lightning anyway
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
+            self.log("mem/episodic_items", float(len(self.episodic)), on_step=True, on_epoch=False)
         return total
 
     def _critic_loss(self, x: torch.Tensor, out: HMSTOutput) -> torch.Tensor | None:
@@ -228,7 +229,8 @@ class HMSTLanguageModel(LanguageModel):
         crit = self.model.critic
         res = crit(torch.cat([q, q]), torch.cat([pos, neg]), torch.cat([facts, facts]), pad_id=pad)
         labels = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))]).to(x.device)
-        self.log("mem/critic_acc", ((res.p_correct > 0.5).float() == labels).float().mean(), on_step=True, on_epoch=False)
+        if self.step_logs_due():
+            self.log("mem/critic_acc", ((res.p_correct > 0.5).float() == labels).float().mean(), on_step=True, on_epoch=False)
         return crit.loss(res, labels)
 
     def _fact_ids(self, out: HMSTOutput, rows, tq: int, pad: int, device) -> torch.Tensor:
