@@ -64,3 +64,23 @@ def history_rows(path: Path) -> list[dict]:
                 row.setdefault("/".join(head), {})[leaf] = value
         rows.append(row)
     return rows
+
+
+def offline_run_file(run_dir: Path) -> Path:
+    """``<run dir>/wandb/offline-run-*-<id>/run-<id>.wandb`` of a MemLM run (its id in ``wandb_run_id``)."""
+    run_id = (Path(run_dir) / "wandb_run_id").read_text().strip()
+    [path] = list((Path(run_dir) / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    return path
+
+
+def records_when_closed(path: Path, timeout: float = 60.0) -> list:
+    """The run file's records once W&B has written its exit record (its service process may still
+    be writing after ``wandb.finish()``), or what is there after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)

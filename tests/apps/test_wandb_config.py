@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
-from memlm.apps.wandb_offline import wandb_records
+from memlm.apps.wandb_offline import offline_run_file, records_when_closed
 
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,15 +30,10 @@ def test_offline_run_holds_config_code_version_tokenizer_params_and_hardware(tmp
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
         wandb.finish()
-    run_id = (cli.run_dir / "wandb_run_id").read_text().strip()
-    [path] = list((cli.run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    deadline = time.monotonic() + 60  # W&B's service process may still be writing after finish()
-    while True:
-        records = list(wandb_records(path))
-        kinds = [r.WhichOneof("record_type") for r in records]
-        if "exit" in kinds or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    path = offline_run_file(cli.run_dir)
+    run_id = path.stem[len("run-"):]
+    records = records_when_closed(path)
+    kinds = [r.WhichOneof("record_type") for r in records]
     assert "run" in kinds, kinds
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}

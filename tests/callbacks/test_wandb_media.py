@@ -2,16 +2,14 @@
 fits (offline W&B), read back from the run file and its media folder."""
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 
 from memlm.apps.cli import RUN_DIR_ENV, MemLMCLI
-from memlm.apps.wandb_offline import history_rows, wandb_records
+from memlm.apps.wandb_offline import history_rows, offline_run_file, records_when_closed
 
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +26,9 @@ def fit_offline(tmp_path: Path, config: str, *overrides: str) -> tuple[Path, lis
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
         wandb.finish()
-    run_id = (cli.run_dir / "wandb_run_id").read_text().strip()
-    [folder] = list((cli.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    path = folder / f"run-{run_id}.wandb"
-    deadline = time.monotonic() + 60  # W&B's service process may still be writing after finish()
-    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return folder / "files", history_rows(path)
+    path = offline_run_file(cli.run_dir)
+    records_when_closed(path)
+    return path.parent / "files", history_rows(path)
 
 
 def test_hamt_memory_images_and_gate_histograms_reach_the_run(tmp_path, memlm_cache):
