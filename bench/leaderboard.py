@@ -8,10 +8,12 @@
 - Each architecture trains in its own ``train.py`` process on the same threads for
   ``--budget-min`` minutes (:class:`memlm.callbacks.budget.WallClockBudget`: the LR decay follows
   the budget spent; snapshots at 1/4, 2/4, 3/4 and 4/4 of it).
-- The last snapshot is scored afterwards on the **full** val split (sequential windows; stateful
-  models carry their state along contiguous streams), outside the budget: val loss (nats per
-  char) and bits per byte, from the model's normalised next-token distribution. The earlier
-  snapshots (the plot's curve) are scored on the first ``--curve-val-batches`` val batches.
+- Scored afterwards, outside the budget: the last snapshot on the **full** val split (sequential
+  windows; stateful models carry their state along contiguous streams) for the table: val loss
+  (nats per char) and bits per byte, from the model's normalised next-token distribution. Every
+  snapshot, the last included, is also scored on the first ``--curve-val-batches`` val batches
+  for the plot's curve (one scoring along the whole curve). Scores are remembered in
+  ``<work>/<arch>/snapshots/scores.json``.
 - Generation: ms per new token after a 1,024-token prompt (cached decoding; a model with a
   shorter context crops the prompt to it), greedy, 32 tokens.
 - Reference rows: nanoGPT's published CPU recipe (val loss 1.8857 after 2,000 iterations at
@@ -113,6 +115,36 @@ def evaluate(ckpt: Path, config: str, data: str, threads: int, max_val_batches: 
             "datamodule": dm}
 
 
+def score(ckpt: Path, config: str, data: str, threads: int, max_val_batches: int | None = None) -> dict:
+    """:func:`evaluate` without the module, remembered in ``<snapshot dir>/scores.json`` (keyed by the
+    checkpoint's name, size and mtime and the number of val batches), so that ``--reuse`` does not
+    score an unchanged checkpoint twice (the HTM row takes ~13 minutes on the full split)."""
+    cache_path = ckpt.parent / "scores.json"
+    st = ckpt.stat()
+    key = f"{ckpt.name}:{st.st_size}:{st.st_mtime_ns}:{max_val_batches}"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        res = evaluate(ckpt, config, data, threads, max_val_batches)
+        cache[key] = {k: res[k] for k in ("val_loss", "val_bpb", "step")}
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
+def load_for_generation(ckpt: Path, config: str, data: str):
+    """The module and the (char) datamodule a checkpoint was scored with."""
+    import yaml
+
+    from memlm.checkpoint import load_module
+    from memlm.datamodules.text import TextDataModule
+
+    init = dict(yaml.safe_load((ROOT / config).read_text())["data"]["init_args"])
+    init.update(source="files", files=[data], val_fraction=0.1, test_fraction=0.0, tokenizer="char")
+    return load_module(ckpt), TextDataModule(**init)
+
+
 def generation_ms_per_token(module, val_ids, context: int = 1024, new_tokens: int = 32) -> float:
     from memlm.core.sampling import SamplingParams
 
@@ -135,7 +167,7 @@ def param_counts(module) -> tuple[int, int]:
     return counts["total"], counts["active"]
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget_min: float) -> None:
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget_min: float, val_batches: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +178,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget_min: f
         xs, ys = zip(*sorted(points))
         ax.plot([x / 60 for x in xs], ys, marker="o", label=name)
     ax.set_xlabel("training wall time (min, 2-core CPU)")
-    ax.set_ylabel("val bits per byte (full val split)")
+    ax.set_ylabel(f"val bits per byte (first {val_batches} val batches)")
     ax.set_title(f"tinyshakespeare, char tokens, {budget_min:g} min per architecture")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -191,23 +223,24 @@ def run_architecture(name, config, args, work: Path) -> tuple[dict, list[tuple[f
                         work / f"{name}.log")
     elapsed = json.loads((snap_dir / "budget_elapsed.json").read_text())
     steps, tps = steps_and_tokens(run_dir)
-    curve, final = [], None
+    curve, final, last_ckpt = [], None, None
     for k in range(1, SNAPSHOTS + 1):
         ckpt = snap_dir / f"budget-{k}of{SNAPSHOTS}.ckpt"
         if not ckpt.is_file():
             continue
-        last = k == SNAPSHOTS
-        res = evaluate(ckpt, config, args.data, args.threads, None if last else args.curve_val_batches)
-        curve.append((elapsed[ckpt.name], res["val_bpb"]))
-        final = res
-    if final is None:
-        raise MemLMError(f"{name} wrote no budget snapshot in {snap_dir}; see {work / (name + '.log')}")
-    dm = final["datamodule"]
-    total, active = param_counts(final["module"])
+        # the curve scores every snapshot the same way (the first --curve-val-batches batches);
+        # the table scores the last one on the full split
+        curve.append((elapsed[ckpt.name], score(ckpt, config, args.data, args.threads, args.curve_val_batches)["val_bpb"]))
+        last_ckpt = ckpt
+    if last_ckpt is None or last_ckpt.name != f"budget-{SNAPSHOTS}of{SNAPSHOTS}.ckpt":
+        raise MemLMError(f"{name} wrote no final budget snapshot in {snap_dir}; see {work / (name + '.log')}")
+    final = score(last_ckpt, config, args.data, args.threads, None)
+    module, dm = load_for_generation(last_ckpt, config, args.data)
+    total, active = param_counts(module)
     row = {"architecture": name, "params": total, "active_params": active, "steps": final["step"],
            "tokens_seen": final["step"] * dm.batch_size * dm.block_size, "tokens_per_sec": tps,
            "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-           "gen_ms_per_token": generation_ms_per_token(final["module"], dm.split_ids("val"))}
+           "gen_ms_per_token": generation_ms_per_token(module, dm.split_ids("val"))}
     return row, curve
 
 
@@ -220,7 +253,9 @@ def main() -> int:
     p.add_argument("--baseline-steps", type=int, default=None, help="MemLM transformer at the nanoGPT recipe for N steps "
                    "(default 2000; 0 with --quick)")
     p.add_argument("--tax-steps", type=int, default=None, help="steps per round of the Lightning-tax measurement "
-                   "(default 30; 0 with --quick)")
+                   "(default 100; 0 with --quick)")
+    p.add_argument("--tax-rounds", type=int, default=5, help="interleaved rounds of the Lightning-tax measurement "
+                   "(its spread between runs on this 2-vCPU machine is several percent; more rounds narrow it)")
     p.add_argument("--curve-val-batches", type=int, default=16, help="val batches scoring the earlier snapshots "
                    "(the plot's curve; the last snapshot is scored on the full split)")
     p.add_argument("--reuse", action="store_true", help="score an architecture's finished run of the same budget in "
@@ -233,7 +268,7 @@ def main() -> int:
     if args.quick:
         args.budget_min = 1.0 if args.budget_min == 10.0 else args.budget_min
     baseline_steps = args.baseline_steps if args.baseline_steps is not None else (0 if args.quick else 2000)
-    tax_steps = args.tax_steps if args.tax_steps is not None else (0 if args.quick else 30)
+    tax_steps = args.tax_steps if args.tax_steps is not None else (0 if args.quick else 100)
     if not Path(args.data).is_file():
         raise MemLMError(f"data file not found: {args.data}; pass --data PATH to tinyshakespeare's input.txt")
     names = list(ARCHITECTURES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
@@ -259,12 +294,16 @@ def main() -> int:
                  "val_loss": NANOGPT_REFERENCE["val_loss"]})
     if baseline_steps:
         name = "transformer_nanogpt_recipe"
-        run_dir = train(name, ARCHITECTURES["transformer"], work, args.data, args.threads,
-                        [f"--trainer.max_steps={baseline_steps}", f"--model.init_args.optimizer.max_steps={baseline_steps}",
-                         "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"], work / f"{name}.log")
-        res = evaluate(run_dir / "checkpoints" / "last.ckpt", ARCHITECTURES["transformer"], args.data, args.threads)
+        run_dir = work / name / "version_0"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not (args.reuse and last.is_file() and score(last, ARCHITECTURES["transformer"], args.data, args.threads)["step"]
+                == baseline_steps):
+            run_dir = train(name, ARCHITECTURES["transformer"], work, args.data, args.threads,
+                            [f"--trainer.max_steps={baseline_steps}", f"--model.init_args.optimizer.max_steps={baseline_steps}",
+                             "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"], work / f"{name}.log")
+        res = score(last, ARCHITECTURES["transformer"], args.data, args.threads)
         _, tps = steps_and_tokens(run_dir)
-        total, active = param_counts(res["module"])
+        total, active = param_counts(load_for_generation(last, ARCHITECTURES["transformer"], args.data)[0])
         rows.append({"architecture": f"MemLM transformer, nanoGPT recipe, {baseline_steps:,} steps", "params": total,
                      "active_params": active, "steps": res["step"], "tokens_seen": res["step"] * 12 * 64,
                      "tokens_per_sec": tps, "val_loss": res["val_loss"], "val_bpb": res["val_bpb"]})
@@ -272,7 +311,7 @@ def main() -> int:
                                                  "steps": res["step"], "tokens_per_sec": tps, "params": total}
     if tax_steps:
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--config", ARCHITECTURES["transformer"],
-                              "--steps", str(tax_steps), "--rounds", "3", "--threads", str(args.threads)],
+                              "--steps", str(tax_steps), "--rounds", str(args.tax_rounds), "--threads", str(args.threads)],
                              cwd=ROOT, capture_output=True, text=True)
         result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if result:
@@ -286,7 +325,7 @@ def main() -> int:
     out_md = Path(args.out or work / "leaderboard.md")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(markdown(rows, settings))
-    plot(curves, Path(args.plot or work / "leaderboard.png"), args.budget_min)
+    plot(curves, Path(args.plot or work / "leaderboard.png"), args.budget_min, args.curve_val_batches)
     print()
     print_table([{k: v for k, v in r.items() if k != "active_params"} for r in rows])
     print(f"\ntable: {out_md}\nplot: {args.plot or work / 'leaderboard.png'}")
