@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,6 +10,7 @@ from memlm.memory.ltml.embeddings import HashEmbedder
 from memlm.memory.ltml.extract import MEMORY_SCHEMA, parse_llm_items
 from memlm.memory.ltml.sleep import sleep
 from memlm.memory.ltml.store import Store
+from http_stub import JsonHandler, serving
 
 T0 = 1_700_000_000.0  # 2023-11-14
 DAY = 86400.0
@@ -28,28 +27,17 @@ STRUCTURED = {"memories": [
 ]}
 
 
-class _Structured(BaseHTTPRequestHandler):
+class _Structured(JsonHandler):
     reply: str = json.dumps(STRUCTURED)
     requests: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self):
-        self._send({"object": "list", "data": [{"id": "llama3.1:8b", "object": "model", "owned_by": "test"}]})
+        self._send(200, {"object": "list", "data": [{"id": "llama3.1:8b", "object": "model", "owned_by": "test"}]})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._read_json()
         type(self).requests.append(body)
-        self._send({"id": "c", "object": "chat.completion", "model": body["model"],
+        self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": type(self).reply},
                                  "finish_reason": "stop"}]})
 
@@ -57,13 +45,8 @@ class _Structured(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     handler = type("Handler", (_Structured,), {"requests": [], "reply": json.dumps(STRUCTURED)})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(handler) as url:
+        yield url + '/v1', handler
 
 
 def _log(store):

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,32 +10,22 @@ from memlm.core.errors import MemLMError
 from memlm.memory.ltml.embeddings import HashEmbedder
 from memlm.memory.ltml.sleep import sleep
 from memlm.memory.ltml.store import Store
+from http_stub import JsonHandler, serving
 
 T0 = 1_700_000_000.0
 EXTRACTED = [{"text": "The user is training for a marathon.", "kind": "fact", "subject": "user.training",
               "value": "marathon", "importance": 9, "source": 0}]
 
 
-class _LLM(BaseHTTPRequestHandler):
+class _LLM(JsonHandler):
     fail_first = 0  # answer this many chat requests with HTTP 503 first
     requests: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, payload: dict | None) -> None:
-        data = json.dumps(payload).encode() if payload is not None else b""
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         self._send(200, {"object": "list", "data": [{"id": "extractor", "object": "model", "owned_by": "test"}]})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._read_json()
         type(self).requests.append(body)
         if type(self).fail_first > 0:
             type(self).fail_first -= 1
@@ -51,13 +39,8 @@ class _LLM(BaseHTTPRequestHandler):
 @pytest.fixture()
 def llm_server():
     handler = type("Handler", (_LLM,), {"fail_first": 0, "requests": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(handler) as url:
+        yield url, handler
 
 
 def _one_session(path, *more: str) -> Store:

@@ -3,34 +3,23 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from memlm.core.errors import MemLMError
 from memlm.core.openai_client import OpenAIClient, OpenAIRequestError, normalise_base_url
+from http_stub import JsonHandler, serving, closed_port
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(JsonHandler):
     mode = "ok"  # ok | error500 | error404 | garbage | no_choices
     requests: list = []
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, payload: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._read_json()
         type(self).requests.append((self.path, body))
         if self.mode == "error500":
             return self._send(500, b"")
@@ -51,19 +40,8 @@ class _Server(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     handler = type("Handler", (_Server,), {"mode": "ok", "requests": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with serving(handler) as url:
+        yield url, handler
 
 
 def test_base_url_forms():
@@ -83,7 +61,7 @@ def test_complete_returns_text_and_fills_info(server):
 
 
 def test_connection_refused_is_one_line_fast_and_retried():
-    port = _closed_port()
+    port = closed_port()
     client = OpenAIClient(f"http://127.0.0.1:{port}", model="m", retries=2, timeout=5)
     t0 = time.perf_counter()
     with pytest.raises(OpenAIRequestError) as info:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,19 +11,17 @@ from memlm.models.hebbian.learner import ContinualLearner, LearnerConfig
 from memlm.models.hebbian.teacher import TeacherClient, TeacherUnavailable
 from memlm.core.openai_client import normalise_base_url
 from memlm.core.errors import MemLMError
+from http_stub import JsonHandler, closed_port, serving
 
 ANSWERS = {"what does the cat eat?": "the cat eats fish.", "hello": "hello! how are you?"}
 
 
-class _Teacher(BaseHTTPRequestHandler):
+class _Teacher(JsonHandler):
     mode = "ok"  # ok | error500 | garbage
     requests: list = []
 
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._read_json()
         type(self).requests.append((self.path, body))
         if self.mode == "error500":
             self.send_response(500)
@@ -50,20 +46,8 @@ class _Teacher(BaseHTTPRequestHandler):
 @pytest.fixture()
 def teacher_server():
     handler = type("Handler", (_Teacher,), {"mode": "ok", "requests": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, handler
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with serving(handler) as url:
+        yield url, handler
 
 
 def test_url_normalisation():
@@ -79,15 +63,15 @@ def test_url_normalisation():
 
 @pytest.mark.parametrize("form", ["", "/v1", "/v1/", "/v1/chat/completions"])
 def test_every_url_form_posts_to_chat_completions(teacher_server, form):
-    server, handler = teacher_server
-    client = TeacherClient(f"http://127.0.0.1:{server.server_address[1]}{form}", model="tiny-teacher", timeout=5)
+    base, handler = teacher_server
+    client = TeacherClient(f"{base}{form}", model="tiny-teacher", timeout=5)
     assert client.ask("hello") == "hello! how are you?"
     assert handler.requests[-1][0] == "/v1/chat/completions"
 
 
 def test_client_talks_to_a_real_server(teacher_server):
-    server, handler = teacher_server
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    base, handler = teacher_server
+    url = f"{base}/v1"
     client = TeacherClient(url, model="tiny-teacher", timeout=5)
     assert client.ask("what does the cat eat?") == "the cat eats fish."
     path, body = handler.requests[-1]
@@ -97,8 +81,8 @@ def test_client_talks_to_a_real_server(teacher_server):
 
 
 def test_learner_learns_the_teachers_answer(teacher_server):
-    server, handler = teacher_server
-    cfg = LearnerConfig(seed=0, temperature=0.0, teacher_api_url=f"http://127.0.0.1:{server.server_address[1]}",
+    base, handler = teacher_server
+    cfg = LearnerConfig(seed=0, temperature=0.0, teacher_api_url=f"{base}",
                         teacher_model="tiny-teacher", teacher_timeout=5)
     learner = ContinualLearner(cfg)
     first = learner.process_input_and_respond("what does the cat eat?")
@@ -118,7 +102,7 @@ def test_learner_learns_the_teachers_answer(teacher_server):
 
 
 def test_teacher_down_is_clear_fast_and_learning_goes_on():
-    port = _closed_port()
+    port = closed_port()
     learner = ContinualLearner(LearnerConfig(seed=0, temperature=0.0, teacher_api_url=f"http://127.0.0.1:{port}/v1",
                                              teacher_timeout=1.0, teacher_retries=1))
     t0 = time.perf_counter()
@@ -136,8 +120,8 @@ def test_teacher_down_is_clear_fast_and_learning_goes_on():
 
 
 def test_server_errors_and_bad_answers_raise_teacher_unavailable(teacher_server):
-    server, handler = teacher_server
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    base, handler = teacher_server
+    url = f"{base}/v1/chat/completions"
     handler.mode = "error500"
     client = TeacherClient(url, model="tiny-teacher", timeout=2, retries=2)  # this server has no /v1/models
     with pytest.raises(TeacherUnavailable, match="HTTP 500"):

@@ -2,40 +2,26 @@
 (like serve.py and Ollama) knows only its own model names."""
 from __future__ import annotations
 
-import json
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from memlm.apps.hebbian_chat import run_hebbian_chat
 from memlm.core.errors import MemLMError
 from memlm.models.hebbian.teacher import TEACHER_API_KEY_ENV, TeacherClient, TeacherEmptyReply, TeacherUnavailable
+from http_stub import JsonHandler, closed_port, serving
 
 
-class _Server(BaseHTTPRequestHandler):
+class _Server(JsonHandler):
     models = ["tiny-teacher"]
     answer = "the cat eats fish."
     seen: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         type(self).seen.append(("GET", self.path, self.headers.get("Authorization"), None))
         self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._read_json()
         type(self).seen.append(("POST", self.path, self.headers.get("Authorization"), body.get("model")))
         if body.get("model") not in self.models:
             self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
@@ -47,13 +33,8 @@ class _Server(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     handler = type("Handler", (_Server,), {"seen": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(handler) as url:
+        yield url + '/v1', handler
 
 
 def test_model_defaults_to_the_servers_first_model(server):
@@ -77,9 +58,7 @@ def test_no_models_listed_is_one_line_error(server, tmp_path):
     with pytest.raises(MemLMError, match="cannot pick a teacher model") as err:
         run_hebbian_chat(str(tmp_path / "s.pt"), url, None, "hi", print_fn=lambda *a: None)
     assert "\n" not in str(err.value)
-    with socket.socket() as s:  # nothing listens there
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    dead = f"http://127.0.0.1:{closed_port()}/v1"  # nothing listens there
     with pytest.raises(MemLMError, match="cannot pick a teacher model.*unavailable"):
         run_hebbian_chat(str(tmp_path / "s.pt"), dead, None, "hi", print_fn=lambda *a: None)
 
