@@ -13,6 +13,7 @@ module keeps its last training decision in ``last_gate_decision``; nothing is co
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 import numpy as np
 import torch
 
@@ -25,7 +26,7 @@ def log_histograms(trainer, values: dict[str, np.ndarray | torch.Tensor], step: 
     for logger in trainer.loggers:
         try:
             experiment = getattr(logger, "experiment", None)
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 import wandb
 
                 rows = {k: wandb.Histogram(a.ravel()) for k, a in arrays.items()}

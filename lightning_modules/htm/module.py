@@ -349,7 +349,7 @@ class HTMLanguageModel(MemLMModule):
         permanences, the spatial pooler's potential-pool permanences and the classifier's weights."""
         n = int(self.tm.num_synapses) + int(self.classifier.weights.size)
         if self.sp is not None:
-            n += int(self.sp.potential.sum()) if getattr(self.sp, "potential", None) is not None else int(self.sp.perm.size)
+            n += int(self.sp.potential.sum())
         return n
 
     def htm_state(self) -> dict:
