@@ -103,6 +103,70 @@ class _LinearScan(torch.autograd.Function):
         return grad_a, lam, grad_h0, None, None
 
 
+class _FusedSelectiveScan(torch.autograd.Function):
+    """The whole selective scan core as one autograd node (the CPU fast path).
+
+    Inputs, time-major and contiguous: ``dt`` [L, B, Di] (after bias and softplus), ``u``
+    [L, B, Di], ``A`` [Di, N], ``Bt``/``Ct`` [L, B, N], ``h0`` [B, Di, N]. Returns
+    ``y`` [L, B, Di] with ``y_t = C_t . h_t`` and the last state ``h_{L-1}`` [B, Di, N].
+
+    Forward: ``dA = exp(dt A)`` and ``dt u B`` are written once into two [L, B, Di, N]
+    buffers, the recurrence runs in place over the second (one fused multiply-add per step)
+    and the read-out is one batched matmul. Backward: the adjoint
+    ``lam_t = C_t gy_t + dA_{t+1} lam_{t+1}`` runs in place over reversed time (no flips or
+    concatenations); the gradients of ``C``, ``B``, ``dt u`` are batched matmuls and those of
+    ``dt``, ``A`` come from ``X = lam_t * dA_t * h_{t-1}`` (the gradient of ``dt A``).
+    Only ``dA`` and the states ``h`` are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, u, A, Bt, Ct, h0):
+        L, Bsz, Di = dt.shape
+        N = A.size(-1)
+        with torch.autocast(dt.device.type, enabled=False):
+            dA = torch.mul(dt.unsqueeze(-1), A).exp_()  # [L, B, Di, N]
+            dtu = dt * u
+            h = torch.mul(dtu.unsqueeze(-1), Bt.unsqueeze(2))  # dt u B, then the states in place
+            h[0].addcmul_(dA[0], h0)
+            for t in range(1, L):
+                h[t].addcmul_(dA[t], h[t - 1])
+            y = torch.bmm(h.view(L * Bsz, Di, N), Ct.reshape(L * Bsz, N, 1)).view(L, Bsz, Di)
+        ctx.save_for_backward(dt, u, A, Bt, Ct, h0, dA, h, dtu)
+        return y, h[-1].clone()
+
+    @staticmethod
+    def backward(ctx, gy, g_last):
+        dt, u, A, Bt, Ct, h0, dA, h, dtu = ctx.saved_tensors
+        L, Bsz, Di = dt.shape
+        N = A.size(-1)
+        LB = L * Bsz
+        with torch.autocast(dt.device.type, enabled=False):
+            if gy is None:
+                gy = torch.zeros_like(dt)
+            gy = gy.contiguous()
+            # lam_t = dL/dh_t, accumulated in place backwards through time
+            lam = torch.mul(gy.unsqueeze(-1), Ct.unsqueeze(2))  # [L, B, Di, N]
+            if g_last is not None:
+                lam[-1].add_(g_last)
+            for t in range(L - 2, -1, -1):
+                lam[t].addcmul_(dA[t + 1], lam[t + 1])
+            lam3 = lam.view(LB, Di, N)
+            grad_C = torch.bmm(h.view(LB, Di, N).transpose(1, 2), gy.view(LB, Di, 1)).view(L, Bsz, N)
+            grad_B = torch.bmm(lam3.transpose(1, 2), dtu.view(LB, Di, 1)).view(L, Bsz, N)
+            grad_dtu = torch.bmm(lam3, Bt.reshape(LB, N, 1)).view(L, Bsz, Di)
+            grad_h0 = dA[0] * lam[0]
+            # X_t = lam_t * dA_t * h_{t-1}: the gradient of dt A (through the exp)
+            X = torch.empty_like(lam)
+            torch.mul(dA[1:], h[:-1], out=X[1:])
+            torch.mul(dA[0], h0, out=X[0])
+            X.mul_(lam)
+            grad_dt = (X * A).sum(-1)
+            grad_A = X.mul_(dt.unsqueeze(-1)).view(LB, Di * N).sum(0).view(Di, N)
+            grad_dt.addcmul_(grad_dtu, u)
+            grad_u = grad_dtu * dt
+        return grad_dt, grad_u, grad_A, grad_B, grad_C, grad_h0
+
+
 def linear_scan(
     a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK, method: str = "auto"
 ) -> torch.Tensor:
@@ -132,12 +196,32 @@ def selective_scan_chunked(
 ):
     """Pure-PyTorch selective scan (see module docstring). Returns y [B, D, L] (, last state [B, D, N]).
 
+    ``method``: ``fused`` (one autograd node for the whole scan, :class:`_FusedSelectiveScan`;
+    the CPU default), or ``sequential``/``doubling`` (the recurrence as :func:`linear_scan`,
+    elementwise ops under autograd; ``doubling`` is the GPU default); ``auto`` picks.
+
     Internally time-major ([L, B, D, N]) so every step or chunk is a contiguous slice.
     """
     dtype_in = u.dtype
     ct = torch.promote_types(u.dtype, torch.float32)
     u, delta = u.to(ct), delta.to(ct)
     delta = _prep_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    if method == "auto":
+        method = "fused" if u.device.type == "cpu" else "doubling"
+    if method == "fused":
+        Bsz, Dm, L = u.shape
+        h0 = torch.zeros(Bsz, Dm, A.size(-1), dtype=ct, device=u.device) if initial_state is None else initial_state.to(ct)
+        y, h_last = _FusedSelectiveScan.apply(
+            delta.permute(2, 0, 1).contiguous(), u.permute(2, 0, 1).contiguous(), A.to(ct).contiguous(),
+            B.to(ct).permute(2, 0, 1).contiguous(), C.to(ct).permute(2, 0, 1).contiguous(), h0.contiguous(),
+        )
+        y = y.permute(1, 2, 0)  # [B, D, L]
+        if D is not None:
+            y = y + D.to(ct).unsqueeze(-1) * u
+        if z is not None:
+            y = y * F.silu(z.to(ct))
+        y = y.to(dtype_in)
+        return (y, h_last) if return_last_state else y
     dt_t = delta.permute(2, 0, 1)  # [L, B, D]
     dA = torch.exp(dt_t.unsqueeze(-1) * A.to(ct))  # [L, B, D, N]
     dBu = (dt_t * u.permute(2, 0, 1)).unsqueeze(-1) * B.to(ct).permute(2, 0, 1).unsqueeze(2)  # [L, B, D, N]
