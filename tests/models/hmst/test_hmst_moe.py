@@ -105,3 +105,60 @@ def test_capacity_drops_overflow_with_first_choice_priority():
                 gates[n, e] = r.topk_weight[n, j]
     ref = torch.einsum("ne,end->nd", gates, moe.experts.dense_forward(x))
     torch.testing.assert_close(y, ref)
+
+
+def _pair(**kw):
+    """The same fp32 MoE with grouped (torch._grouped_mm) and per-expert loop dispatch."""
+    torch.manual_seed(0)
+    grouped = MoEFeedForward(d_model=16, d_ff=24, n_experts=4, top_k=2, init_std=0.3, dispatch="grouped", **kw)
+    loop = MoEFeedForward(d_model=16, d_ff=24, n_experts=4, top_k=2, init_std=0.3, dispatch="loop", **kw)
+    loop.load_state_dict(grouped.state_dict())
+    return grouped, loop
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_grouped_dispatch_equals_loop_and_dense_reference_forward_and_grad(capacity_factor):
+    grouped, loop = _pair(capacity_factor=capacity_factor)
+    x = torch.randn(3, 11, 16, requires_grad=True)
+    bias = torch.tensor([0.0, 0.5, 0.0, -0.5])
+    yg, sg = grouped(x, bias)
+    yl, sl = loop(x, bias)
+    torch.testing.assert_close(yg, yl, rtol=1e-6, atol=1e-6)
+    if capacity_factor is None:
+        torch.testing.assert_close(yg, grouped.dense_reference(x, bias), rtol=1e-5, atol=1e-6)
+    else:
+        assert sg["dropped"].item() > 0
+    for k in ("balance", "z", "load", "dropped"):
+        torch.testing.assert_close(sg[k], sl[k])
+    g = torch.randn_like(yg)
+    gg = torch.autograd.grad((yg * g).sum() + sg["balance"], [x, *grouped.parameters()])
+    gl = torch.autograd.grad((yl * g).sum() + sl["balance"], [x, *loop.parameters()])
+    for a, b in zip(gg, gl):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_dispatch_with_idle_experts_and_autocast():
+    grouped, loop = _pair()
+    x = torch.randn(9, 16, requires_grad=True)
+    bias = torch.tensor([0.0, 40.0, 0.0, 40.0])  # experts 0 and 2 receive no token
+    yg, sg = grouped(x, bias)
+    assert sg["load"][0].item() == 0.0 and sg["load"][2].item() == 0.0
+    torch.testing.assert_close(yg, loop(x, bias)[0], rtol=1e-6, atol=1e-6)
+    (gw,) = torch.autograd.grad(yg.square().sum(), [grouped.experts.w_up])
+    assert gw[0].abs().sum() == 0 and gw[1].abs().sum() > 0  # an idle expert gets no gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yg16, _ = grouped(x)
+        yl16, _ = loop(x)
+    assert yg16.dtype == yl16.dtype == torch.bfloat16
+    torch.testing.assert_close(yg16.float(), yl16.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_auto_dispatch_is_grouped_for_fp32_cpu_and_loop_for_fp64():
+    grouped, _ = _pair()
+    auto = MoEFeedForward(d_model=16, d_ff=24, n_experts=4, top_k=2)
+    assert auto._use_grouped(torch.zeros(1, 16)) and not auto._use_grouped(torch.zeros(1, 16, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grouped"):
+        grouped(torch.zeros(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dispatch"):
+        MoEFeedForward(d_model=16, d_ff=24, dispatch="fast")
