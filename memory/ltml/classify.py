@@ -102,6 +102,19 @@ def expires_days(sentence: str) -> float:
     return 3.0
 
 
+_PAST = re.compile(
+    r"\b(?:went|was|were|had|did|got|came|left|ran|won|lost|made|took|gave|met|saw|bought|sold|told|found|"
+    r"finished|started|launched|opened|closed|moved|passed|signed|booked|arrived|happened|turned)\b", re.I)
+_NOT_PAST = re.compile(
+    r"\b(?:i'm|i am|we're|we are|is|are|am|will|i'll|we'll|going to|gonna|have to|need to|tomorrow|tonight|"
+    r"later)\b", re.I)
+
+
+def _past_event(body: str) -> bool:
+    """ "The app went live today" is a dated event that stays true, not a state that will pass."""
+    return bool(_PAST.search(body)) and not _NOT_PAST.search(body)
+
+
 def is_feedback(sentence: str) -> bool:
     """Feedback on the assistant's last answer ("too long", "no bullet points", "that's wrong, it's X")."""
     return bool(_FEEDBACK.search(sentence.strip()))
@@ -133,7 +146,7 @@ def classify(sentence: str) -> Label:
     if m and not re.search(r"\b(?:name is|is called|is named|'s name)\b", body, re.I):
         who = m.group("who")
         person = who.lower() if m.re is _OTHER else who
-    if _TEMPORARY.search(body) or _STATE.search(body):
+    if (_TEMPORARY.search(body) and not _past_event(body)) or _STATE.search(body):
         if not re.search(r"\b(?:always|every|usually|since|years?|allergic)\b", body, re.I):
             return Label(TEMPORARY, person=person, expires_days=expires_days(body))
     if person:  # "my husband Jonas works nights": the fact is his (the name becomes its own memory: extract.py)

@@ -18,16 +18,25 @@ _STOP = frozenset(
 )
 
 
+def stem(w: str) -> str:
+    """A light suffix strip, so inflections meet: "celebrated" ~ "celebrate", "launching" ~ "launch",
+    "sisters" ~ "sister". No stemmer library is a dependency; this is a few rules, not Porter."""
+    if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
+    for suf in ("ing", "ed", "e"):
+        if len(w) >= 4 and w.endswith(suf) and len(w) - len(suf) >= 3:
+            return w[: -len(suf)]
+    return w
+
+
 def tokens(text: str) -> list[str]:
-    """Lower-cased words without stop words, with a crude plural/possessive strip ("sisters" ~ "sister")."""
+    """Lower-cased, stemmed words without stop words ("sisters" ~ "sister", "moved" ~ "move")."""
     out = []
     for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()):
         w = w.split("'")[0]
         if w in _STOP:
             continue
-        if len(w) > 4 and w.endswith("s") and not w.endswith("ss"):
-            w = w[:-1]
-        out.append(w)
+        out.append(stem(w))
     return out
 
 

@@ -59,6 +59,15 @@ class WakeConfig:
     #: the budget fill with the next-best items, as a raw-log search would
     min_relevance: float = 0.0
     rrf_k: float = 60.0
+    #: how the two rankings are combined: "rrf" (reciprocal rank), "wrrf" (reciprocal rank, the BM25
+    #: term scaled by the BM25 score relative to the best one), "mix" (cosine + bm25_weight * BM25 / best)
+    fusion: str = "rrf"
+    bm25_weight: float = 0.3
+    #: second hop: names (capitalised words) in the best ``hop_from`` items that the question does not
+    #: contain become a BM25 query of their own, fused with ``hop_weight`` ("the rabbits" -> "Clementine");
+    #: 0 turns it off
+    hop_from: int = 3
+    hop_weight: float = 0.5
     #: search the raw user messages beside the memories
     episodes: bool = True
     #: longest episode rendered, in words (a long message is cut after this)
@@ -146,6 +155,23 @@ def _episodes(store: Store, embedder, cfg: WakeConfig) -> tuple[list[Memory], np
 _QUESTION_ONLY = re.compile(r"^[^.!?\n]*\?\s*$")
 
 
+_NAME = re.compile(r"(?<![.!?:\"] )(?<!^)\b[A-Z][a-z]{2,}(?: [A-Z][a-z]+)*")
+_NOT_NAMES = frozenset("User Asked About For The This That Yes Nope Monday Tuesday Wednesday Thursday Friday Saturday "
+                       "Sunday January February March April May June July August September October November "
+                       "December".split())
+
+
+def _hop_names(query: str, texts: list[str]) -> list[str]:
+    """Names in ``texts`` (capitalised words not opening a sentence) that ``query`` does not mention."""
+    q = query.lower()
+    out: list[str] = []
+    for t in texts:
+        for name in _NAME.findall(t):
+            if name not in _NOT_NAMES and name.lower() not in q and name not in out:
+                out.append(name)
+    return out
+
+
 def _recency(m: Memory, now: float, cfg: WakeConfig) -> float:
     last = max(m.updated_at, m.last_accessed or 0.0)
     return 0.5 ** (max(0.0, now - last) / DAY / cfg.recency_half_life_days)
@@ -214,11 +240,24 @@ def rank(
     cos_rank = _ranks(cos, cos >= cfg.min_relevance, cfg.candidates)
     bm_rank = _ranks(bm, bm > 0, cfg.candidates)
     fused = np.zeros(len(docs), np.float64)
-    for ranks in (cos_rank, bm_rank):
-        for j, r in ranks.items():
-            fused[j] += 1.0 / (cfg.rrf_k + r + 1)
     best_bm = float(bm.max()) if len(bm) and bm.max() > 0 else 1.0
-    top = 2.0 / (cfg.rrf_k + 1)
+    if cfg.fusion == "mix":
+        for j in cos_rank:
+            fused[j] = max(1e-9, float(cos[j])) + cfg.bm25_weight * float(bm[j]) / best_bm
+        top = 1.0 + cfg.bm25_weight
+    else:
+        for j, r in cos_rank.items():
+            fused[j] += 1.0 / (cfg.rrf_k + r + 1)
+        for j, r in bm_rank.items():
+            w = float(bm[j]) / best_bm if cfg.fusion == "wrrf" else 1.0
+            fused[j] += w / (cfg.rrf_k + r + 1)
+        top = 2.0 / (cfg.rrf_k + 1)
+    names = _hop_names(query, [docs[j].text for j in np.argsort(-fused, kind="stable")[: cfg.hop_from]
+                               if fused[j] > 0]) if cfg.hop_from > 0 and cfg.hop_weight > 0 else []
+    if names:
+        hop = bm25_scores(" ".join(names), [m.embed_text or m.text for m in mems] + [e.embed_text or e.text for e in episodes])
+        for j, r in _ranks(hop, hop > 0, cfg.candidates).items():
+            fused[j] += cfg.hop_weight * (1.0 / (cfg.rrf_k + r + 1) if cfg.fusion != "mix" else float(hop[j] / hop.max()))
     by_id: dict[int, Injected] = {}
     for j in np.flatnonzero(fused > 0):
         d = docs[j]
@@ -235,17 +274,34 @@ def rank(
     return out
 
 
+def _body(m: Memory) -> str:
+    """The memory's words; the "User:" prefix is dropped (the header already says whose memories these are)."""
+    return m.text[6:] if m.text.startswith("User: ") else m.text
+
+
+def _day(m: Memory) -> str:
+    return iso_day(m.updated_at if m.kind != EPISODE else m.created_at)
+
+
 def _line(it: Injected, dated: bool) -> str:
     m = it.memory
     if dated and m.kind not in ("instruction", "lesson"):
-        return f"- ({iso_day(m.updated_at if m.kind != EPISODE else m.created_at)}) {m.text}"
-    return f"- {m.text}"
+        return f"- ({_day(m)}) {_body(m)}"
+    return f"- {_body(m)}"
 
 
 def render(items: list[Injected], dated: bool = True) -> str:
+    """The block: instructions and lessons first (undated), then the rest in date order, one line per
+    day (items of the same day share it, joined by " | "), so a date is paid for once."""
     if not items:
         return ""
-    return "\n".join([HEADER] + [_line(it, dated) for it in items])
+    undated = [it for it in items if not dated or it.memory.kind in ("instruction", "lesson")]
+    lines = [HEADER] + [_line(it, False) for it in undated]
+    days: dict[str, list[str]] = {}
+    for it in sorted((it for it in items if it not in undated), key=lambda it: (_day(it.memory), it.memory.created_at)):
+        days.setdefault(_day(it.memory), []).append(_body(it.memory))
+    lines += [f"- ({d}) " + " | ".join(texts) for d, texts in days.items()]
+    return "\n".join(lines)
 
 
 def _fill(items: list[Injected], budget: int, count: Callable[[str], int], dated: bool,

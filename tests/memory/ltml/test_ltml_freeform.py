@@ -312,3 +312,20 @@ def test_ltml_forget_command_archives_by_id_and_rejects_inactive(tmp_path, capsy
         assert s2.memories() == [] and s2.history(m.id)[-1][2] == "forget"
     with pytest.raises(MemLMError, match="not active"):  # run_main prints it as one line and exits 2
         main(["forget", "--db", str(db), str(m.id)])
+
+
+def test_a_past_event_on_the_day_is_dated_not_temporary():
+    """ "went live today" happened; it must not expire (and hide its message) like "I'm sick today"."""
+    for s in ("Harbour Health's patient app went live today.", "I finished the marathon today!"):
+        assert classify(s).label == USER_FACT, s
+    for s in ("I'm sick today.", "My parents visit tonight.", "The shop is closed tomorrow.",
+              "I have a migraine this afternoon."):
+        assert classify(s).label == TEMPORARY, s
+
+
+def test_bm25_meets_inflections():
+    from memlm.memory.ltml.lexical import bm25_scores, tokens
+
+    assert tokens("celebrated launching sisters moved") == tokens("celebrate launch sister move")
+    scores = bm25_scores("where did we celebrate?", ["We celebrated at Golden Lotus.", "I like tea.", "Rain again."])
+    assert scores[0] > 0 and scores[1] == scores[2] == 0

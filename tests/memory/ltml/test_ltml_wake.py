@@ -10,7 +10,7 @@ from memlm.memory.ltml.embeddings import HashEmbedder, get_embedder
 from memlm.apps.ltml_session import LTMLMemory
 from memlm.memory.ltml.sleep import sleep
 from memlm.memory.ltml.store import Store
-from memlm.memory.ltml.wake import WakeConfig, estimate_tokens, rank, wake
+from memlm.memory.ltml.wake import HEADER, WakeConfig, _hop_names, _line, estimate_tokens, rank, wake
 
 FACTS = [
     "My favourite colour is green.", "I live in Oslo.", "I work at Northwind Traders.", "I have a cat named Miso.",
@@ -41,7 +41,8 @@ def test_the_relevant_current_fact_ranks_first_and_stale_facts_never_appear(slep
 
 
 def test_ranking_fuses_cosine_and_bm25_by_reciprocal_rank(slept, minilm):
-    cfg = WakeConfig(episodes=False)  # memories only, so positions are not shared with the episodes they came from
+    # memories only, so positions are not shared with the episodes they came from; no second hop
+    cfg = WakeConfig(episodes=False, hop_weight=0)
     ranked = rank(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, config=cfg)
     cos_order = sorted(ranked, key=lambda it: -it.cosine)
     bm_order = sorted([it for it in ranked if it.bm25 > 0], key=lambda it: -it.bm25)
@@ -93,7 +94,9 @@ def test_explain_says_what_and_why_and_use_is_counted(slept, minilm):
     inj = wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY, touch=False)
     text = inj.explain()
     assert "Bergen" in text and "relevance" in text and "importance" in text and "recency" in text
-    assert inj.text.startswith("Memories of this user") and "- (2023-11-19) The user lives in Bergen." in inj.text
+    assert inj.text.startswith("Memories of this user")
+    day = [ln for ln in inj.text.splitlines() if ln.startswith("- (2023-11-19) ")]
+    assert len(day) == 1 and "The user lives in Bergen." in day[0]  # one dated line per day
     mid = inj.items[0].memory.id
     assert slept.get(mid).access_count == 0
     wake(slept, minilm, "Where do I live?", now=T0 + 6 * DAY)
@@ -196,3 +199,40 @@ def test_core_memories_ride_along_with_every_turn(tmp_path):
                  touch=False)
     assert "French" not in tight.text and "Kiwi" in tight.text
     s.close()
+
+
+def test_block_pays_for_each_date_once_in_date_order_and_fits_more_than_line_by_line(minilm, tmp_path):
+    s = Store(tmp_path / "d.sqlite")
+    log_session(s, ["I adopted a rabbit called Clementine.", "She chewed through my laptop charger.",
+                    "We bought cable covers."], 0)
+    log_session(s, ["I started a pottery class on Tuesdays."], 9)
+    sleep(s, minilm, now=T0 + 10 * DAY)
+    inj = wake(s, minilm, "what has the rabbit chewed?", WakeConfig(budget_tokens=400), now=T0 + 10 * DAY,
+               touch=False)
+    lines = inj.text.splitlines()[1:]
+    days = [ln.split(")")[0] for ln in lines]
+    assert days == sorted(days) and len(days) == len(set(days)) == 2  # one line per day, oldest first
+    assert "charger" in lines[0] and " | " in lines[0] and "pottery" in lines[1]
+    assert not any("User: " in ln for ln in lines)  # the header already says whose these are
+    # the same items cost less grouped than one dated line each
+    assert estimate_tokens(inj.text) < sum(estimate_tokens(_line(it, True)) for it in inj.items) + \
+        estimate_tokens(HEADER)
+
+
+def test_second_hop_follows_names_from_the_best_hits(minilm, tmp_path):
+    """Multi-hop: "the rabbits" finds Clementine; the charger message names only Clementine."""
+    s = Store(tmp_path / "h.sqlite")
+    log_session(s, ["I adopted a rescue rabbit, her name is Clementine."], 0)
+    log_session(s, ["Clementine chewed through my laptop charger, second one this year."], 20)
+    log_session(s, ["The storm did some damage to the garden shed.", "My neighbour's dog dug up the flower beds.",
+                    "The movers damaged two of my things, a lamp and a chair.", "A rabbit ran across the road today.",
+                    "The cat next door scratched the car.", "Hail dented my bike helmet.",
+                    "Moths got into my wool jumpers."], 40)
+    q = "What damage have the rabbits done to my things?"
+    with_hop = rank(s, minilm, q, now=T0 + 41 * DAY)
+    without = rank(s, minilm, q, now=T0 + 41 * DAY, config=WakeConfig(hop_weight=0))
+    pos = lambda r: next(i for i, it in enumerate(r) if "charger" in it.memory.text)  # noqa: E731
+    assert pos(without) >= 6 and pos(with_hop) <= 4  # the distractors share its words; only the name links it
+    texts = ["About Clementine: she met Pip.", "Where? In Lisbon."]  # sentence openers are not names
+    assert _hop_names(q, texts) == ["Clementine", "Pip", "Lisbon"]
+    assert _hop_names("my trip to lisbon", texts) == ["Clementine", "Pip"]  # the question's own names are not new
