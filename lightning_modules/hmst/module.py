@@ -194,7 +194,8 @@ class HMSTLanguageModel(LanguageModel):
         self.carried_state = self.detach_state(out.state)
         self.last_gate_decision = out.decision  # for callbacks.histograms.GateHistograms
         n_tokens = (y != IGNORE_INDEX).sum().clamp_min(1)
-        loss = self._token_losses(out.logits, y).sum() / n_tokens
+        token_losses = self._token_losses(out.logits, y)
+        loss = token_losses.sum() / n_tokens
         self._check_finite(loss)
         aux = {name: self.loss_weights[name] * value for name, value in out.aux_losses.items()}
         if out.exit_logits is not None and self.loss_weights["exit"] > 0:
@@ -203,7 +204,7 @@ class HMSTLanguageModel(LanguageModel):
         if critic is not None:
             aux["critic"] = self.loss_weights["critic"] * critic
         total = loss + self._log_extras(out, aux=aux, on_step=True, on_epoch=False)
-        self._write_memories(x, out, y)
+        self._write_memories(x, out, y, token_losses.detach())
         if self.step_logs_due():  # other steps' values would be dropped by Lightning anyway
             self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
             self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
@@ -275,7 +276,11 @@ class HMSTLanguageModel(LanguageModel):
         return keys, values, self._segment_texts(x[rows], pos.cpu())
 
     @torch.no_grad()
-    def _write_memories(self, x: torch.Tensor, out: HMSTOutput, y: torch.Tensor | None = None) -> None:
+    def _write_memories(
+        self, x: torch.Tensor, out: HMSTOutput, y: torch.Tensor | None = None, token_losses: torch.Tensor | None = None
+    ) -> None:
+        """``token_losses``: the step's per-token cross-entropy of ``out.logits`` against ``y``
+        when the caller already has it (the episodes' surprise is its row mean), else computed."""
         if self.mem_write:
             keys, values, texts = self._memory_items(x, out, self.mem_write_stride)
             self.semantic.replicated_add(keys.float(), values.float(), texts)
@@ -283,7 +288,9 @@ class HMSTLanguageModel(LanguageModel):
         if st is not None and st.ssm:
             T = x.size(1)
             spans = [(st.pos - T, st.pos)] * x.size(0)
-            surprise = self._token_losses(out.logits.detach(), y).view(x.size(0), -1).mean(1) if y is not None else None
+            if token_losses is None and y is not None:
+                token_losses = self._token_losses(out.logits.detach(), y)
+            surprise = token_losses.view(x.size(0), -1).mean(1) if token_losses is not None else None
             self.episodic.add_batch(None, out.pooled.detach().float(), spans, surprise)
 
     # -- ingestion -----------------------------------------------------------------------------

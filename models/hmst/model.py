@@ -438,13 +438,16 @@ class HMSTModel(nn.Module):
         else:
             run_idx = torch.nonzero(go_rows).squeeze(1)
         exit_idx = torch.nonzero(exit_rows).squeeze(1)
+        # when every row runs the upper path (no KV cache), the final logits are the upper head's
+        # alone: no [B, T, V] buffer of exit logits to fill and then overwrite
+        all_up = kv is None and run_idx.numel() == B
         if want_exit_logits:  # deep supervision needs the exit head on every row
             exit_logits = self.lm_head(h_exit)
             meter.add_flops("exit_head", 2.0 * B * T * D * V)
-            logits = exit_logits.clone()
+            logits = exit_logits if all_up else exit_logits.clone()
         else:  # only the rows that exit pay for the exit head
             exit_logits = None
-            logits = h_exit.new_zeros(B, T, V)
+            logits = h_exit.new_zeros(B if not all_up else 0, T, V)
             if exit_idx.numel():
                 lx = self.lm_head(h_exit[exit_idx])
                 meter.add_flops("exit_head", 2.0 * exit_idx.numel() * T * D * V)
@@ -475,7 +478,7 @@ class HMSTModel(nn.Module):
         retrieved_ids = None
         n_up = run_idx.numel()
         if n_up:
-            hu = h[run_idx]
+            hu = h if n_up == B else h[run_idx]  # n_up == B means run_idx = arange(B)
             pos_in_run = torch.full((B,), -1, dtype=torch.long, device=dev)
             pos_in_run[run_idx] = torch.arange(n_up, device=dev)
             if e is not None:  # gated SSM output into the residual
@@ -526,10 +529,14 @@ class HMSTModel(nn.Module):
                 sel, src = run_idx, torch.arange(n_up, device=dev)
             else:
                 sel = src = torch.nonzero(go_rows).squeeze(1)
-            lu = self.lm_head(hu[src])
+            every_row = kv is None and n_up == B  # run_idx = arange(B): the upper path wrote every row
+            lu = self.lm_head(hu if every_row else hu[src])
             meter.add_flops("head", 2.0 * src.numel() * T * D * V)
-            logits = logits.index_copy(0, sel, lu.to(logits.dtype))
-            hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
+            if every_row:  # no [B, T, V] copy of the exit logits to overwrite entirely
+                logits, hidden = lu.to(logits.dtype), hu.to(hidden.dtype)
+            else:
+                logits = logits.index_copy(0, sel, lu.to(logits.dtype))
+                hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
         if kv is not None:
             kv.length = start + T
             self._trim_cache(kv)

@@ -24,6 +24,32 @@ from torch import nn
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _register_grouped_mm_flops() -> None:
+    """FlopCounterMode has no rule for ``aten._grouped_mm``: count its matmul FLOPs (2 per
+    multiply-add, as for mm), so that FLOP counts see the grouped dispatch as the loop."""
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula
+    except ImportError:  # pragma: no cover
+        return
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is None or op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        if len(a_shape) == 2 and len(b_shape) == 3:  # [M, K] x [G, K, N], rows split by group
+            return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+        if len(a_shape) == 2 and len(b_shape) == 2:  # [K, M] x [M, N] -> [G, K, N], M split by group
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+        if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+            return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]  # [G, M, K] x [K, N], N split by group
+
+
+if _GROUPED_MM:
+    _register_grouped_mm_flops()
+
+
 @dataclass
 class RouterOutput:
     logits: torch.Tensor  # [N, E] router logits (after the optional bias), float32

@@ -162,3 +162,19 @@ def test_auto_dispatch_is_grouped_for_fp32_cpu_and_loop_for_fp64():
         grouped(torch.zeros(2, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="dispatch"):
         MoEFeedForward(d_model=16, d_ff=24, dispatch="fast")
+
+
+def test_flop_counter_counts_grouped_dispatch_like_the_loop():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grouped, loop = _pair()
+    x = torch.randn(40, 16, requires_grad=True)
+    counts = {}
+    for name, m in (("grouped", grouped), ("loop", loop)):
+        mode = FlopCounterMode(display=False)
+        with mode:
+            y, _ = m(x)
+            y.square().sum().backward()
+        counts[name] = mode.get_total_flops()
+    # router (2 N D E) + 3 expert matmuls per assignment (2 N k D F each), forward and 2x backward
+    assert counts["grouped"] == counts["loop"] > 3 * 3 * 2 * 40 * 2 * 16 * 24
