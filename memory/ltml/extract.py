@@ -27,6 +27,7 @@ from memlm.memory.ltml.classify import (
     is_feedback,
 )
 from memlm.memory.ltml.dates import annotate, iso_day
+from memlm.memory.ltml.reflect import lesson_from_feedback
 
 _STOP = set(
     "a an the and or but if then so of to in on at for with from by about as is are was were be been being am do does did "
@@ -352,7 +353,7 @@ def _short_answer(text: str, question: str, context: str = "") -> Candidate:
 
 
 def extract_rules(text: str, role: str = "user", prev_assistant: str | None = None,
-                  at: float | None = None, context: str = "") -> list[Candidate]:
+                  at: float | None = None, context: str = "", last_answer: str | None = None) -> list[Candidate]:
     """Rule-based extraction from one message (only the user's words become memories).
 
     Every sentence is classified (:func:`memlm.memory.ltml.classify.classify`); facts about
@@ -361,7 +362,9 @@ def extract_rules(text: str, role: str = "user", prev_assistant: str | None = No
     them for wake). ``prev_assistant`` (the assistant message just before) resolves short
     answers ("yep", "nope, dentist") and turns feedback on that answer into a lesson;
     ``at`` (when the message was written) resolves relative dates and sets expiries; ``context`` (the user's
-    message before that) tells whose name "What's her name?" asked for."""
+    message before that) tells whose name "What's her name?" asked for; ``last_answer`` (for a
+    message that opens its session: the assistant's last answer in an earlier one) is what
+    feedback there refers to ("that was too long" the next morning)."""
     if role != "user":
         return []
     out: list[Candidate] = []
@@ -399,8 +402,9 @@ def extract_rules(text: str, role: str = "user", prev_assistant: str | None = No
         body = _TRAIL.sub("", sent)
         if not body:
             continue
-        if prev_assistant and is_feedback(body):
-            out.append(Candidate(f"Feedback on an answer: {body}.", "lesson", embed_text=body,
+        answer = prev_assistant or last_answer
+        if answer and is_feedback(body):  # reflection: what did the user correct, and what to change
+            out.append(Candidate(lesson_from_feedback(body, answer)[0], "lesson", embed_text=body,
                                  explicit=explicit, memory_class="instruction"))
             continue
         label = classify(body)

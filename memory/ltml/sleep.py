@@ -333,16 +333,19 @@ def sleep(
                 cand.interaction_id, cand.at = row[0], row[4]
                 if cand.expires_days is not None:
                     cand.expires_at = cand.at + cand.expires_days * DAY
-            cands = sorted(llm_cands, key=lambda c: c.at)  # older statements first, so newer ones supersede them
+            cands = sorted(llm_cands + _reflect_batch(store, batch, backend, say),
+                           key=lambda c: c.at)  # older statements first, so newer ones supersede them
         else:
             stats["rule_batches"] += 1
             said: dict = {}  # the user's last message per session in this batch: whose name "What's her name?" asks
             for iid, sid, role, content, at in batch:
                 prev = store.preceding_assistant(iid) if role == "user" else None
+                opening = store.opening_answer(iid) if role == "user" and prev is None else None
                 context = said.get(sid, "")
                 if role == "user":
                     said[sid] = content
-                for cand in extract_rules(content, role, prev_assistant=prev, at=at, context=context):
+                for cand in extract_rules(content, role, prev_assistant=prev, at=at, context=context,
+                                          last_answer=opening):
                     cand.interaction_id, cand.at = iid, at
                     cands.append(cand)
         vecs = embedder.encode([c.embed_text or c.text for c in cands]) if cands else np.zeros((0, 1), np.float32)
@@ -373,6 +376,31 @@ def sleep(
         f"{stats['superseded']} superseded, {stats['archived']} archived"
     )
     return stats
+
+
+def _reflect_batch(store: Store, batch, backend, say) -> list[Candidate]:
+    """Reflection over the batch's assistant turns through the backend (validated JSON, rules on failure):
+    what did the user correct? Each correction becomes a lesson."""
+    from memlm.memory.ltml.reflect import feedback_pairs, reflect_llm, reflect_rules
+
+    pairs = [p for p in feedback_pairs(store, batch[0][0] - 1) if p[1] <= batch[-1][0]]
+    if not pairs:
+        return []
+    try:
+        got = reflect_llm(pairs, backend)
+    except Exception as exc:  # a flaky backend must not stop consolidation
+        say(f"ltml sleep: LLM reflection failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "using rules")
+        got = None
+    if got is None:
+        got = reflect_rules(pairs)
+    at = {r[0]: r[4] for r in batch}
+    out = []
+    for c in got:
+        cand = Candidate(c.lesson, "lesson", embed_text=c.feedback, memory_class="instruction")
+        cand.interaction_id, cand.at = c.reply_id, at.get(c.reply_id, batch[-1][4])
+        out.append(cand)
+    return out
 
 
 def log_to_stderr(msg: str) -> None:

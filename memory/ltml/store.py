@@ -452,6 +452,20 @@ class Store:
             ).fetchone()
         return row[1] if row and row[0] == "assistant" else None
 
+    def opening_answer(self, interaction_id: int) -> str | None:
+        """For a message that opens its session: the assistant's last answer in an earlier session
+        (what feedback there refers to); None when the message does not open its session."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT u.session_id, (SELECT COUNT(*) FROM interactions p WHERE p.session_id IS u.session_id "
+                "AND p.id < u.id) FROM interactions u WHERE u.id=?", (interaction_id,)).fetchone()
+            if not row or row[1]:
+                return None
+            prev = self.conn.execute(
+                "SELECT content FROM interactions WHERE role='assistant' AND id < ? AND session_id IS NOT ? "
+                "ORDER BY id DESC LIMIT 1", (interaction_id, row[0])).fetchone()
+        return prev[0] if prev else None
+
     def episode_vectors(self, embedder: str) -> dict[int, np.ndarray]:
         with self._lock:
             rows = self.conn.execute(

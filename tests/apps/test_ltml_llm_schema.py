@@ -65,7 +65,8 @@ def test_extraction_uses_the_json_schema_and_the_validated_reply(server, tmp_pat
     _log(store)
     stats = sleep(store, HashEmbedder(), backend=OpenAIBackend(url), now=T0 + 0.5 * DAY)
     assert stats["llm_batches"] == 1 and stats["rule_batches"] == 0
-    body = handler.requests[-1]
+    # the first request extracts; a second one reflects on the corrected answer (its own schema)
+    body = handler.requests[0]
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"] == MEMORY_SCHEMA
     prompt = body["messages"][-1]["content"]
