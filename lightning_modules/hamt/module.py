@@ -36,7 +36,7 @@ class HAMTLanguageModel(LanguageModel):
         binding: str = "elementwise",
         key_source: str = "content",
         gate_mode: str = "parallel",
-        scan_chunk: int = 64,
+        scan_chunk: int = 16,
         conv_kernel: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
@@ -48,6 +48,7 @@ class HAMTLanguageModel(LanguageModel):
         carry_state: bool = True,
         compile_scan: bool = False,
         mem_expand: int = 1,
+        scan_impl: str = "fused",
         # Repeated in each subclass (not **kwargs): LightningCLI and save_hyperparameters read
         # the concrete class's own signature.
         optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3),
@@ -60,6 +61,8 @@ class HAMTLanguageModel(LanguageModel):
             raise MemLMError(f"model.key_source must be 'content', 'position' or 'mix', got {key_source!r}")
         if gate_mode not in ("parallel", "recurrent"):
             raise MemLMError(f"model.gate_mode must be 'parallel' or 'recurrent', got {gate_mode!r}")
+        if scan_impl not in ("fused", "materialized"):
+            raise MemLMError(f"model.scan_impl must be 'fused' or 'materialized', got {scan_impl!r}")
         if binding == "circular" and n_embd % 2:
             raise MemLMError(f"circular binding needs an even model.n_embd, got {n_embd}")
         # HAMT has no attention heads: its memory is n_slots full-width vectors, so only sizes are checked
@@ -85,6 +88,7 @@ class HAMTLanguageModel(LanguageModel):
             aux_weight=aux_weight,
             compile_scan=compile_scan,
             mem_expand=mem_expand,
+            scan_impl=scan_impl,
         )
         self.model = HAMTModel(self.config)
 
@@ -135,9 +139,14 @@ class HAMTLanguageModel(LanguageModel):
         c = self.config
         n = self.model.param_count(non_embedding=True)
         chunk = min(c.scan_chunk, max(1, seq_len))
-        # per layer and token: chunked scan (2*S*C*D) + read/unbind/weights (~8*S*D); x3 for fwd+bwd
         e = c.n_embd * c.mem_expand
-        mem = c.n_layer * (2 * c.n_slots * chunk * e + 8 * c.n_slots * e)
+        if c.gate_mode == "parallel" and c.scan_impl == "fused":
+            # per layer and token (ChunkedSlotStates): the [C, C] products p b^T, b b^T, A b and the
+            # reconstruction's A b (4 * 2*C*E), W G (2*S*C^2), the chunk-entry terms (~6 * 2*S*E)
+            mem = c.n_layer * (8 * chunk * e + 2 * c.n_slots * chunk * chunk + 12 * c.n_slots * e)
+        else:
+            # per layer and token: chunked scan (2*S*C*D) + read/unbind/weights (~8*S*D)
+            mem = c.n_layer * (2 * c.n_slots * chunk * e + 8 * c.n_slots * e)
         return 6 * n + 3 * mem
 
     def state_bytes(self, batch_size: int = 1) -> int:

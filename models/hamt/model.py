@@ -26,7 +26,7 @@ class HAMTConfig:
     binding: str = "elementwise"  # elementwise (bipolar keys) | circular (FFT)
     key_source: str = "content"  # content | position | mix (half content, half positional dimensions)
     gate_mode: str = "parallel"  # parallel (chunked, linear in M) | recurrent (gate reads slot state; scan)
-    scan_chunk: int = 64
+    scan_chunk: int = 16
     conv_kernel: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -37,6 +37,9 @@ class HAMTConfig:
     reset_token_id: int | None = None  # memory is cleared when this token (document separator) is read
     compile_scan: bool = False
     mem_expand: int = 1  # slot key/item dimension = mem_expand * n_embd (capacity; 1 = the original design)
+    # parallel gate mode: "fused" reads the slot states through [C, C] matrices per chunk
+    # (ChunkedSlotStates); "materialized" builds every token's slot states (the reference)
+    scan_impl: str = "fused"
 
 
 class HAMTBlock(nn.Module):
@@ -56,6 +59,7 @@ class HAMTBlock(nn.Module):
             key_seed=cfg.key_seed + 7919 * layer,
             compile_scan=cfg.compile_scan,
             mem_expand=cfg.mem_expand,
+            scan_impl=cfg.scan_impl,
         )
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
         self.mlp = MLP(cfg.n_embd, int(cfg.mlp_ratio * cfg.n_embd), False, cfg.dropout)

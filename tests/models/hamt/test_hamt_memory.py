@@ -131,19 +131,18 @@ def _forward_capturing(model, ids):
     recs, items, hooks = [], [], []
     for blk in model.blocks:
         mem, dim = blk.mem, blk.mem.dim
-        reconstruct = mem._reconstruct
+        for name in ("_reconstruct", "_reconstruct_fused"):  # the materialised and the fused path
+            def capture(*args, _reconstruct=getattr(mem, name), **kw):
+                recs.append(_reconstruct(*args, **kw))
+                return recs[-1]
 
-        def capture(*args, _reconstruct=reconstruct, **kw):
-            recs.append(_reconstruct(*args, **kw))
-            return recs[-1]
-
-        mem._reconstruct = capture
+            setattr(mem, name, capture)
         hooks.append(mem.w_zin.register_forward_hook(lambda m, i, o, d=dim: items.append(o[..., d : 2 * d].detach())))
     try:
         out = model(ids)
     finally:
         for blk, h in zip(model.blocks, hooks):
-            del blk.mem._reconstruct
+            del blk.mem._reconstruct, blk.mem._reconstruct_fused
             h.remove()
     return out, recs, items
 
