@@ -22,7 +22,8 @@ RELATIONS = (
     "grandpa|grandfather|grandparents|cousin|neighbour|neighbor|niece|nephew|flatmate|roommate|in-laws|sibling"
 )
 _OTHER = re.compile(rf"^(?:my|our) (?P<who>(?:older |younger |little |big |eldest |youngest )?(?:{RELATIONS}))(?:'s)?\b(?!,? (?:[a-z]+,? )?and (?:i|me)\b)", re.I)
-_OTHER_NAMED = re.compile(r"^(?P<who>[A-Z][a-z]+) (?:is|was|lives|works|has|loves|hates|got|moved|just|will|studies|plays)\b")
+_OTHER_NAMED = re.compile(r"^(?!(?:We|It|This|That|There|Everything|Nothing|Work|Life|Today|Actually)\b)"
+                          r"(?P<who>[A-Z][a-z]+) (?:is|was|lives|works|has|loves|hates|got|moved|just|will|studies|plays)\b")
 PETS = ("dog|cat|rabbit|puppy|kitten|parrot|hamster|horse|pony|pet|tortoise|turtle|budgie|canary|cockatiel|ferret|"
         "guinea pig|goldfish|gecko|lizard|snake|hen|greyhound|whippet|lurcher|terrier|spaniel|collie|labrador|"
         "retriever|poodle|beagle|pug|dachshund|husky|sheepdog|tabby")
@@ -45,7 +46,8 @@ _STANDING = re.compile(
     r"\b(?:always|never|from now on|in (?:the )?future|going forward|every time|each time|any ?more|no more|stop|"
     r"keep (?:it|them|answers|replies|responses|things|your)|don't (?:use|call|add|give|send|include|put|mention|"
     r"suggest|recommend)|do not|no (?:emojis?|emoji|bullet points?|lists?|jargon|exclamation|markdown|headers)|"
-    r"(?:answer|reply|respond|write) (?:in|with)|use (?:metric|celsius|fahrenheit|imperial|miles|km|british|"
+    r"(?:answers?|reply|replies|responses?|respond|write) (?:in|with|without)|"
+    r"(?:metric|imperial|swedish|european|british|american|us|uk) units|use (?:metric|celsius|fahrenheit|imperial|miles|km|british|"
     r"american|uk|us)|call me|address me|refer to me|remind me|shorter|briefer|concise|plain text)\b", re.I)
 _INSTRUCTION_START = re.compile(
     r"^(?:please|pls|can you|could you|would you|will you|remember|note|from now on|in future|going forward|always|"

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from memlm.memory.ltml.classify import (
+    _STANDING,
     CHATTER, DAY, HYPOTHETICAL, INSTRUCTION, OTHER_FACT, PETS, RELATIONS, REQUEST, TEMPORARY, USER_FACT, Label, classify,
     is_feedback,
 )
@@ -35,6 +36,10 @@ _STOP = set(
     "yes ok okay can could would should will shall may might must what which who whom how why when where".split()
 )
 _QUESTION_START = re.compile(r"^(what|how|why|when|where|who|which|do|does|did|is|are|can|could|would|will|should)\b", re.I)
+_MOVED_NOWHERE = re.compile(
+    r"\b(?:i|we)(?:'ve| have)? (?:just |finally |actually )?(?:moved|relocated)(?: (?:again|house|home|flat|out|away|"
+    r"places|last \w+|(?:this|last) (?:week|month|year)|yesterday|recently))*\s*$", re.I)
+_FIRST_PERSON_FACT = re.compile(r"^(?:i|i'm|i've|my|we|we're|our)\b", re.I)
 _EXPLICIT = re.compile(
     r"^(?:please\s+|also\s+|and\s+)?(?:remember|note|don't forget|do not forget|keep in mind|never forget|memori[sz]e)"
     r"(?:\s*[:,]\s*|\s+that\s+|\s+)(?P<rest>.+)$",
@@ -374,6 +379,10 @@ def extract_rules(text: str, role: str = "user", prev_assistant: str | None = No
     # on their own ("My main hobby is bouldering.")
     statement = _structured(plain) is not None or (
         len(words) >= 3 and re.search(r"\b(?:i|i'm|i've|my|we|we're|our)\b", plain, re.I) is not None)
+    # "Remember, no emojis" after a question is a standing instruction, not an answer to it
+    if statement is False:
+        explicit = _EXPLICIT.match(plain)
+        statement = explicit is not None or classify(_TRAIL.sub("", plain)).label == INSTRUCTION
     if (prev_assistant and prev_assistant.rstrip().endswith("?") and 0 < len(words) <= 6
             and not text.rstrip().endswith("?") and not statement):
         question = _SPLIT_SENT.split(prev_assistant.strip())[-1]
@@ -403,12 +412,14 @@ def extract_rules(text: str, role: str = "user", prev_assistant: str | None = No
         if not body:
             continue
         answer = prev_assistant or last_answer
-        if answer and is_feedback(body):  # reflection: what did the user correct, and what to change
+        if answer and is_feedback(body) and not explicit:  # reflection: what did the user correct, and what to change
             out.append(Candidate(lesson_from_feedback(body, answer)[0], "lesson", embed_text=body,
                                  explicit=explicit, memory_class="instruction"))
             continue
         label = classify(body)
-        if explicit and label.label in (REQUEST, CHATTER, HYPOTHETICAL) and not _QUESTION_START.match(body):
+        if explicit and label.label != INSTRUCTION and _STANDING.search(body) and not _FIRST_PERSON_FACT.match(body):
+            label = Label(INSTRUCTION)  # "remember: metric units only" is how to answer, from now on
+        elif explicit and label.label in (REQUEST, CHATTER, HYPOTHETICAL) and not _QUESTION_START.match(body):
             label = Label(USER_FACT, identity=label.identity)
         names = kin_names(body)  # true even inside a request or a hypothetical ("a gift for my wife Anjali?")
         for cand in names:
@@ -438,6 +449,11 @@ def extract_rules(text: str, role: str = "user", prev_assistant: str | None = No
             found.append(Candidate(f"{told}.", "fact", subject,
                                    _clean_value(mm.group("val")) if mm else None, embed_text=body))
             found[-1].person = who
+        elif _MOVED_NOWHERE.search(body) and not (_slot(body) or _structured(body)):
+            # "actually we moved again": the old home no longer holds, though the new one is not named;
+            # keyed as the home, it supersedes the old value (history kept) until a place is said
+            found.append(Candidate(f"The user has moved; the new home was not named yet (said: \"{dated}\").",
+                                   "fact", "user.home", None, embed_text=f"where I live: I moved. {body}"))
         else:
             parts = [c.strip() for c in _SPLIT_CLAUSE.split(body) if c.strip()]
             structured = [_structured(_DISCOURSE.sub("", p).strip()) for p in parts]

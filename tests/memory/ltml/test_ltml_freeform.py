@@ -329,3 +329,37 @@ def test_bm25_meets_inflections():
     assert tokens("celebrated launching sisters moved") == tokens("celebrate launch sister move")
     scores = bm25_scores("where did we celebrate?", ["We celebrated at Golden Lotus.", "I like tea.", "Rain again."])
     assert scores[0] > 0 and scores[1] == scores[2] == 0
+
+
+def test_we_moved_again_without_a_place_retires_the_old_home_with_history(tmp_path):
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["We live in Leeds."], day=0)
+    sleep(s, emb, now=T0 + DAY)
+    log_session(s, ["Actually we moved again."], day=30)
+    sleep(s, emb, now=T0 + 31 * DAY)
+    (home,) = [m for m in s.memories() if m.subject == "user.home"]
+    assert home.value is None and "not named" in home.text and home.memory_class == "identity"
+    (leeds,) = [m for m in s.memories(active_only=False) if m.value == "Leeds"]
+    assert leeds.superseded_by == home.id and any(h[2] == "supersede" for h in s.history(leeds.id))
+    block = wake(s, emb, "where do I live?", now=T0 + 31 * DAY, touch=False).text
+    assert "moved" in block and "Leeds" not in block  # the old value is history, not the answer
+    log_session(s, ["We're in York now."], day=40)
+    sleep(s, emb, now=T0 + 42 * DAY)
+    (home,) = [m for m in s.memories() if m.subject == "user.home"]
+    assert home.value == "York"
+    # "we" is the user (with family), never a person called "We"; moving furniture is not moving home
+    assert [c.subject for c in extract_rules("We moved to Bristol.", at=T0)] == ["user.home"]
+    assert all(c.subject is None and c.person is None for c in extract_rules("We moved the sofa.", at=T0))
+    s.close()
+
+
+def test_remember_after_a_question_is_an_instruction_not_an_answer():
+    q = "How many people work in the shop?"
+    for text, needle in [("Remember, no emojis.", "no emojis"), ("remember: metric units only", "metric"),
+                         ("Remember: answers in Swedish units, grams not cups.", "grams")]:
+        (c,) = extract_rules(text, prev_assistant=q, at=T0)
+        assert c.kind == "instruction" and c.memory_class == "instruction" and needle in c.text, text
+    (c,) = extract_rules("three, plus me", prev_assistant=q, at=T0)
+    assert c.kind == "fact" and c.text.startswith('Asked "How many people work in the shop?"')
+    assert extract_rules("Remember that I never eat pork.", at=T0)[0].kind == "fact"  # a fact, said to be kept
