@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--chunk", type=int, default=16, help="HAMT scan_chunk of the fused path")
+    ap.add_argument("--chunk", type=int, default=8, help="HAMT scan_chunk of the fused path")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="process = this process's CPU time (steadier on a shared machine; use with --threads 1)")
     args = ap.parse_args()

@@ -36,7 +36,7 @@ class HAMTLanguageModel(LanguageModel):
         binding: str = "elementwise",
         key_source: str = "content",
         gate_mode: str = "parallel",
-        scan_chunk: int = 16,
+        scan_chunk: int = 8,
         conv_kernel: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,

@@ -96,6 +96,59 @@ def scan_chunk(
     return torch.matmul(L[None], gb) + carry[None, :, :, None] * m0.unsqueeze(2)
 
 
+def _entry_closed(ends: torch.Tensor, log_a: torch.Tensor, r: torch.Tensor | None):
+    """Closed form of ``x_{k+1} = a_k x_k + ends_k`` from ``x_0 = 0`` over n steps, with ``a_k = exp(log_a)``
+    per slot, or 0 where ``r_k`` (a reset inside step k). Returns (entries [B, n, S, E], coef [B|1, n, S]:
+    the factor of the initial state in each entry, after [B, S, E]: the state after the last step,
+    total [B|1, S]: the factor of the initial state in it)."""
+    n = ends.size(1)
+    kk = torch.arange(n, device=ends.device)
+    steps = (kk[:, None] - 1 - kk[None, :]).to(log_a.dtype)  # k-1-j
+    Lc = torch.exp((steps[None] * log_a[:, None, None]).masked_fill(~(kk[:, None] > kk[None, :])[None], float("-inf")))
+    coef = torch.exp(kk.to(log_a.dtype)[None, :] * log_a[:, None])[None]  # [1, S, n]
+    after_w = torch.exp((n - 1 - kk).to(log_a.dtype)[None, :] * log_a[:, None])[None]  # [1, S, n]
+    total = torch.exp(n * log_a)[None]  # [1, S]
+    if r is None:
+        entries = torch.einsum("skj,bjse->bkse", Lc, ends)
+    else:  # a term survives only when no reset lies strictly after it and before the step it reaches
+        r = r.long()
+        before = r.cumsum(1) - r  # resets in steps < k
+        upto = before + r  # resets in steps <= j
+        count = r.sum(1, keepdim=True)
+        Lc = Lc[None] * (before[:, :, None] == upto[:, None, :]).to(ends.dtype).unsqueeze(1)  # [B, S, n, n]
+        entries = torch.einsum("bskj,bjse->bkse", Lc, ends)
+        coef = coef * (before == 0).to(ends.dtype)[:, None, :]
+        after_w = after_w * (upto == count).to(ends.dtype)[:, None, :]
+        total = total * (count == 0).to(ends.dtype)
+    after = torch.einsum("bsj,bjse->bse", after_w.expand(ends.size(0), -1, -1), ends)
+    return entries, coef.transpose(1, 2), after, total
+
+
+def entry_states(ends: torch.Tensor, log_a: torch.Tensor, r: torch.Tensor | None, x0: torch.Tensor,
+                 block: int = 16) -> torch.Tensor:
+    """The states entering each of n steps of ``x_{k+1} = a_k x_k + ends_k`` (``x_0 = x0``; ``a_k`` =
+    exp(log_a) per slot, 0 where ``r_k``): ends [B, n, S, E] -> [B, n, S, E].
+
+    Closed form inside blocks of ``block`` steps (one batched matmul); the block-entry states are the
+    same problem one level up (block decay a^block, a block reset where any step resets), so the
+    cost is O(n * block) instead of O(n^2) for one closed form, and there is no n-step Python loop."""
+    B, n, S, E = ends.shape
+    if n <= block:
+        entries, coef, _, _ = _entry_closed(ends, log_a, r)
+        return entries + coef.unsqueeze(-1) * x0[:, None]
+    Q = -(-n // block)
+    pad = Q * block - n
+    if pad:  # steps past the end: they change no earlier entry
+        ends = F.pad(ends, (0, 0, 0, 0, 0, pad))
+        r = None if r is None else F.pad(r, (0, pad))
+    rb = None if r is None else r.reshape(B * Q, block)
+    entries, coef, after, _ = _entry_closed(ends.reshape(B * Q, block, S, E), log_a, rb)
+    x_blocks = entry_states(after.view(B, Q, S, E), block * log_a, None if r is None else rb.any(-1).view(B, Q), x0, block)
+    coef = coef.expand(B * Q, -1, -1).reshape(B, Q, block, S, 1)
+    out = entries.view(B, Q, block, S, E) + coef * x_blocks[:, :, None]
+    return out.reshape(B, Q * block, S, E)[:, :n]
+
+
 class ChunkedSlotStates:
     """The per-token slot states ``M_t,s`` of the parallel recurrence, used without materialising them.
 
@@ -141,24 +194,10 @@ class ChunkedSlotStates:
         else:
             self.carry = carry[None, None].expand(B, n, S, C)
         self.W = W
-        # chunk-entry states, M0_{k+1} = lambda^C M0_k + end_k (0 * M0_k after a reset in chunk k), in
-        # closed form: M0_k = sum_{j<k} lambda^(C (k-1-j)) end_j + lambda^(C k) m0, each term dropped when
-        # a reset lies in between (one batched matmul over the chunks instead of n dependent steps)
+        # chunk-entry states: M0_{k+1} = lambda^C M0_k + end_k (0 * M0_k after a reset in chunk k)
         ends = torch.einsum("bnsj,bnje->bnse", W[..., -1, :], self.b)  # [B, n, S, E]: chunk k's own writes
-        kk = torch.arange(n, device=b.device)
-        steps = (kk[:, None] - 1 - kk[None, :]).to(log_decay.dtype)  # [n, n]: k-1-j
-        logLc = (steps[None] * (C * log_decay)[:, None, None]).masked_fill(~(kk[:, None] > kk[None, :])[None], float("-inf"))
-        Lc = torch.exp(logLc)  # [S, n(k), n(j)]
-        start = torch.exp(kk.to(log_decay.dtype)[None, :] * (C * log_decay)[:, None])  # [S, n]: lambda^(C k)
-        if reset is not None and bool(reset.any()):
-            r = reset.reshape(B, n, C).any(-1).long()  # [B, n]: a reset inside chunk i
-            before = r.cumsum(1) - r  # resets in chunks < k
-            after_j = before + r  # resets in chunks <= j
-            Lc = Lc[None] * (before[:, :, None] == after_j[:, None, :]).to(W.dtype).unsqueeze(1)  # [B, S, n, n]
-            start = start[None] * (before == 0).to(W.dtype)[:, None, :]  # [B, S, n]
-            self.M0 = torch.einsum("bskj,bjse->bkse", Lc, ends) + (start.transpose(1, 2)[..., None] * m0[:, None])
-        else:
-            self.M0 = torch.einsum("skj,bjse->bkse", Lc, ends) + start.t()[None, :, :, None] * m0[:, None]
+        r = reset.reshape(B, n, C).any(-1) if reset is not None and bool(reset.any()) else None
+        self.M0 = entry_states(ends, C * log_decay, r, m0)  # [B, n, S, E]
         last = (T - 1) - (n - 1) * C  # the real last token of the last chunk
         self.final = self.carry[:, -1, :, last, None] * self.M0[:, -1] + torch.einsum(
             "bsj,bje->bse", W[:, -1, :, last], self.b[:, -1])
@@ -207,7 +246,7 @@ class HolographicMemory(nn.Module):
         binding: str = "elementwise",
         key_source: str = "content",
         gate_mode: str = "parallel",
-        scan_chunk: int = 16,
+        scan_chunk: int = 8,
         conv_kernel: int = 4,
         tau_min: float = 4.0,
         tau_max: float = 4096.0,

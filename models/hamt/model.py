@@ -26,7 +26,7 @@ class HAMTConfig:
     binding: str = "elementwise"  # elementwise (bipolar keys) | circular (FFT)
     key_source: str = "content"  # content | position | mix (half content, half positional dimensions)
     gate_mode: str = "parallel"  # parallel (chunked, linear in M) | recurrent (gate reads slot state; scan)
-    scan_chunk: int = 16
+    scan_chunk: int = 8
     conv_kernel: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0

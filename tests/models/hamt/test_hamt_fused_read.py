@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from memlm.models.hamt.memory import ChunkedSlotStates, scan_reference
+from memlm.models.hamt.memory import ChunkedSlotStates, entry_states, scan_reference
 from memlm.models.hamt.model import HAMTConfig, HAMTModel
 
 
@@ -33,6 +33,23 @@ def test_dots_norms_mix_and_final_state_equal_the_explicit_states(reset_p, C):
     torch.testing.assert_close(st.final, M[:, :, -1])
     if reset is not None:  # the resets really cut the past at some token
         assert bool(reset.any())
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 300])  # 300 > 16^2: two levels of blocks
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_chunk_entry_states_equal_the_step_by_step_recurrence(n, with_reset):
+    g0 = torch.Generator().manual_seed(n)
+    B, S, E = 2, 3, 4
+    ends = torch.randn(B, n, S, E, generator=g0, dtype=torch.float64)
+    log_a = torch.log(torch.tensor([0.5, 0.97, 0.999], dtype=torch.float64))
+    x0 = torch.randn(B, S, E, generator=g0, dtype=torch.float64)
+    r = (torch.rand(B, n, generator=g0) < 0.05) if with_reset else None
+    x, want = x0, []
+    for k in range(n):
+        want.append(x)
+        a = log_a.exp()[None, :, None] * (1.0 if r is None else (~r[:, k]).to(x.dtype)[:, None, None])
+        x = a * x + ends[:, k]
+    torch.testing.assert_close(entry_states(ends, log_a, r, x0, block=16), torch.stack(want, 1))
 
 
 def test_gradients_equal_the_explicit_states():
