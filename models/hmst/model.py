@@ -180,7 +180,35 @@ class MemoryReader(nn.Module):
 
     def forward(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, T, D]; mem [B, Tq, M, Dv] and mask [B, Tq, M] per query position; token t reads
-        query position t // stride (memory is projected once per query, then shared)."""
+        query position t // stride (memory is projected once per query, then shared).
+
+        The tokens are grouped by query position ([B, Tq, stride, ...]), so the keys and values
+        of a query position are never copied to its ``stride`` tokens; :meth:`forward_reference`
+        repeats them per token (the same numbers, the test oracle)."""
+        B, T, D = h.shape
+        Tq, M = mem.size(1), mem.size(2)
+        S = max(1, int(stride))
+        if Tq * S < T:
+            return self.forward_reference(h, mem, mask, stride)
+        H, hd = self.n_head, self.hd
+        hn = self.ln(h)
+        q = self.q(hn)
+        if Tq * S > T:  # pad the last query position's group to full
+            q = F.pad(q, (0, 0, 0, Tq * S - T))
+        q = q.view(B, Tq, S, H, hd)
+        k, v = self.kv(self.ln_mem(mem.to(h.dtype))).view(B, Tq, M, 2, H, hd).unbind(3)
+        scale = hd**-0.5
+        s_mem = torch.einsum("bqshd,bqmhd->bqshm", q, k) * scale
+        s_mem = s_mem.masked_fill(~mask[:, :, None, None, :], float("-inf"))
+        s_null = torch.einsum("bqshd,hd->bqsh", q, self.null_k.to(q.dtype)).unsqueeze(-1) * scale
+        att = torch.cat([s_null, s_mem], dim=-1).float().softmax(-1).to(h.dtype)[..., 1:]
+        out = torch.einsum("bqshm,bqmhd->bqshd", att, v).reshape(B, Tq * S, H, hd)[:, :T]
+        g = torch.sigmoid(self.gate(hn)).unsqueeze(-1)
+        mass = att.reshape(B, Tq * S, H, M)[:, :T].sum(-1).mean()
+        return self.o((out * g).reshape(B, T, D)), mass
+
+    def forward_reference(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with the memory of each query position repeated to its tokens."""
         B, T, D = h.shape
         Tq, M = mem.size(1), mem.size(2)
         hn = self.ln(h)
