@@ -384,6 +384,9 @@ def _tm_run(
     act_segs = np.empty(seg_cap, dtype=np.int64)
     match_segs = np.empty(seg_cap, dtype=np.int64)
     match_col = np.empty(seg_cap, dtype=np.int64)
+    pun_mark = np.zeros(seg_cap, dtype=np.uint8)  # segments punished this step
+    pun_segs = np.empty(seg_cap, dtype=np.int64)
+    npsd = -psd
     new_active = np.empty(n_cells, dtype=np.int32)
     new_winners = np.empty(n_cells, dtype=np.int32)  # a predicted column can have several winners
 
@@ -496,15 +499,42 @@ def _tm_run(
                                        syns, perm, cell_first_syn, syn_free, counters, rng)
             new_winners[n_win] = winner
             n_win += 1
-        # 3. punish matching segments in columns that did not become active
+        # 3. punish matching segments in columns that did not become active: -psd on their
+        # synapses to previously active cells. The synapses are found by walking the previous
+        # active cells' outgoing lists (contiguous after defragment(), so read sequentially),
+        # not each segment's own list (one cache miss per synapse: ~480 segments x 28
+        # synapses a step on text). Same updates; empty segments are destroyed afterwards in
+        # the order of the matching list, as a per-segment walk would.
         if learn and psd > 0.0:
+            n_pun = 0
             for i in range(nm):
                 g = match_segs[i]
                 if segs[S_CELL, g] < 0:
                     continue
                 if col_state[match_col[i]] == 0:
-                    _adapt_segment(g, prev_mark, -psd, np.float32(0.0), segs, syns, perm, cell_first_syn,
-                                   cell_first_seg, cell_nseg, seg_free, syn_free, counters)
+                    pun_mark[g] = 1
+                    pun_segs[n_pun] = g
+                    n_pun += 1
+            if n_pun > 0:
+                for i in range(n_pa):
+                    s = cell_first_syn[prev_active[i]]
+                    while s != -1:
+                        nx = syns[s, Y_NPRE]
+                        if pun_mark[syns[s, Y_SEG]]:
+                            p = perm[s, Y_PERM] + npsd
+                            if p > 1.0:
+                                p = 1.0
+                            if p < EPS:
+                                _destroy_synapse(s, segs, syns, cell_first_syn, syn_free, counters)
+                            else:
+                                perm[s, Y_PERM] = p
+                        s = nx
+                for i in range(n_pun):
+                    g = pun_segs[i]
+                    pun_mark[g] = 0
+                    if segs[S_NSYN, g] == 0:
+                        _destroy_segment(g, segs, syns, cell_first_syn, cell_first_seg, cell_nseg, seg_free,
+                                         syn_free, counters)
         for i in range(nm):
             col_match_start[match_col[i]] = -1
         for i in range(c0, c1):
@@ -553,9 +583,11 @@ def _tm_run(
 
 
 @njit(cache=True)
-def _defragment(syns, segs, cell_first_syn, counters):
-    """Counting sort of the live synapses by presynaptic cell (stable in id order), with all
-    links rewritten. Returns the number of live synapses (the new high-water mark)."""
+def _defragment(syns, rec, new_id, segs, cell_first_syn, counters):
+    """Counting sort of the live synapses by presynaptic cell (stable in id order) from ``syns``
+    into ``rec`` (same shape; the caller swaps the two: no copy back, no allocation of the
+    synapse-sized arrays), with all links rewritten. ``new_id``: int32 scratch of at least the
+    high-water mark. Returns the number of live synapses (the new high-water mark)."""
     hw = counters[C_SYN_HW]
     n_cells = cell_first_syn.shape[0]
     start = np.zeros(n_cells + 1, dtype=np.int64)
@@ -565,14 +597,13 @@ def _defragment(syns, segs, cell_first_syn, counters):
     for c in range(n_cells):
         start[c + 1] += start[c]
     n = start[n_cells]
-    new_id = np.full(hw, -1, dtype=np.int32)
+    new_id[:hw] = -1
     fill = start[:n_cells].copy()
     for s in range(hw):
         if syns[s, Y_SEG] >= 0:
             pre = syns[s, Y_PRE]
             new_id[s] = fill[pre]
             fill[pre] += 1
-    rec = np.empty((n, syns.shape[1]), dtype=syns.dtype)
     for s in range(hw):
         k = new_id[s]
         if k >= 0:
@@ -591,8 +622,6 @@ def _defragment(syns, segs, cell_first_syn, counters):
     for g in range(counters[C_SEG_HW]):
         if segs[S_CELL, g] >= 0 and segs[S_FIRST, g] >= 0:
             segs[S_FIRST, g] = new_id[segs[S_FIRST, g]]
-    syns[:n] = rec
-    syns[n:hw] = -1
     counters[C_SYN_HW] = n
     counters[C_SYN_FREE] = 0
     counters[C_SYN_AT_DEFRAG] = counters[C_SYN_CREATED]
@@ -703,6 +732,8 @@ class TemporalMemory:
         self.seg_free = np.zeros(cap, dtype=np.int32)
 
     def _alloc_synapses(self, cap: int) -> None:
+        self._syn_spare = None  # defragment()'s second buffer (allocated at the first sort)
+        self._spare_dirty = 0
         self.syns = np.full((cap, Y_FIELDS), -1, dtype=np.int32)
         self.perm = self.syns.view(np.float32)  # the permanence lives in field Y_PERM of the same rows
         self.perm[:, Y_PERM] = 0.0
@@ -733,8 +764,20 @@ class TemporalMemory:
         Semantics are unchanged: segment ids stay, only synapse ids and list order move, and
         no rule depends on either (ties are broken by presynaptic cell, not list position)."""
         c = self.counters
-        n = _defragment(self.syns, self.segs, self.cell_first_syn, c)
-        self.perm[n:, Y_PERM] = 0.0
+        hw = int(c[C_SYN_HW])
+        spare = self._syn_spare
+        if spare is None or spare.shape != self.syns.shape:
+            spare = np.full(self.syns.shape, -1, dtype=np.int32)
+            spare.view(np.float32)[:, Y_PERM] = 0.0
+            self._spare_dirty = 0
+            self._new_id = np.empty(self.syns.shape[0], dtype=np.int32)
+        n = _defragment(self.syns, spare, self._new_id, self.segs, self.cell_first_syn, c)
+        if self._spare_dirty > n:  # rows the spare held when it was live: back to never used
+            spare[n : self._spare_dirty] = -1
+            spare.view(np.float32)[n : self._spare_dirty, Y_PERM] = 0.0
+        old = self.syns
+        self.syns, self.perm = spare, spare.view(np.float32)
+        self._syn_spare, self._spare_dirty = old, hw
 
     def _defrag_at(self) -> int:
         """The synapses-ever-created count at which the next defragment is due: once the

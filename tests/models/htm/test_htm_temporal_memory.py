@@ -343,3 +343,40 @@ def test_defragmenting_inside_a_run_keeps_behaviour():
     for cell in range(often.num_cells):
         for g in often.segments_of(cell):
             assert often.synapses_of(g) == never.synapses_of(g)
+
+
+def test_punishment_and_repeated_defragments_keep_behaviour():
+    """Punishment (applied by walking the previous active cells' outgoing synapses) and
+    defragment()'s two swapped synapse buffers, across capacity growth: a memory re-sorted
+    every few steps ends with exactly the segments, permanences and cells of one never re-sorted."""
+    from memlm.models.htm.temporal_memory import C_SYN_AT_DEFRAG
+
+    rng = np.random.default_rng(6)
+    seq = [np.sort(rng.choice(32, 5, replace=False)).astype(np.int32) for _ in range(40)]
+    flat, off = np.concatenate(seq * 4), np.arange(161, dtype=np.int64) * 5
+    often, never = make_tm(predicted_segment_decrement=0.055), make_tm(predicted_segment_decrement=0.055)
+    often.defrag_min, often.defrag_ratio = 32, 1 << 30
+    never.defrag_min = 1 << 40
+    sorts = []
+    for part in range(4):  # four calls: the spare buffer is reused, and reallocated after growth
+        sl = slice(part * 200, (part + 1) * 200)
+        o = off[:41]
+        a, b = often.run(flat[sl], o), never.run(flat[sl], o)
+        sorts.append(int(often.counters[C_SYN_AT_DEFRAG]))
+        np.testing.assert_array_equal(a.active, b.active)
+        np.testing.assert_array_equal(a.winners, b.winners)
+        np.testing.assert_array_equal(a.anomaly, b.anomaly)
+    assert len(set(sorts)) == 4 and never.counters[C_SYN_AT_DEFRAG] == 0  # it re-sorted during every call
+    assert often.num_synapses == never.num_synapses and often.num_segments == never.num_segments
+    punished = 0
+    for cell in range(often.num_cells):
+        assert often.segments_of(cell) == never.segments_of(cell)
+        for g in often.segments_of(cell):
+            syn = often.synapses_of(g)
+            assert syn == never.synapses_of(g)
+            punished += sum(abs(p * 100 - round(p * 100)) > 0.1 for _, p in syn)  # a 0.055 step leaves half hundredths
+    assert punished > 0
+    often.defragment()
+    assert (often.syns[: often.counters[2], 0] >= 0).all()  # the live synapses are the first rows, no holes
+    assert often.num_synapses == never.num_synapses == int(often.counters[2])
+    np.testing.assert_array_equal(often.run(flat[:200], off[:41]).active, never.run(flat[:200], off[:41]).active)
