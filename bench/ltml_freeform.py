@@ -8,7 +8,7 @@ Data (``bench/data/ltml/``, written for this benchmark, no public set):
   must *not* become memories (requests, hypotheticals, other people's facts, temporary
   states). The rules were developed on the dev half only; the held-out half is reported, not
   tuned on.
-- ``longconv.json``: two friends over 22 sessions and eight months, with single-hop,
+- ``longconv.json``: two pairs of friends, each over 22-23 sessions and eight months, with single-hop,
   multi-hop and temporal questions annotated with their evidence turns.
 
 Methods, all within the same token budget (``--budget``, counted with ``estimate_tokens``):
@@ -267,13 +267,20 @@ def main() -> int:
         print_table(rows)
         convs = json.loads((DATA / "longconv.json").read_text())["conversations"]
         budgets = [200, 500]
-        lrows = []
+        lrows, per_conv = [], []
         for backlog in ([False] if args.quick else [False, True]):
             res: dict = {}
             (tmp / "long").mkdir(exist_ok=True)
             for conv in convs:
-                for key, vals in run_longconv(conv, embedder, budgets, tmp / "long", backlog).items():
+                one = run_longconv(conv, embedder, budgets, tmp / "long", backlog)
+                for key, vals in one.items():
                     res.setdefault(key, []).extend(vals)
+                for name in sorted({k[0] for k in one}):  # each conversation on its own, too
+                    for b in budgets:
+                        vals = [v for typ in ("single", "multi", "temporal") for v in one.get((name, b, typ), [])]
+                        label = name + ("-backlog" if backlog else "")
+                        per_conv.append({"conversation": conv["name"], "method": label, "budget": b,
+                                         "all": float(np.mean(vals))})
             for name in sorted({k[0] for k in res}):
                 label = name + ("-backlog" if backlog else "")
                 for b in budgets:
@@ -287,6 +294,8 @@ def main() -> int:
         print(f"long conversations: {sum(len(c['questions']) for c in convs)} questions over "
               f"{sum(len(c['sessions']) for c in convs)} sessions; evidence recall")
         print_table(lrows)
+        print("per conversation (evidence recall, all questions)")
+        print_table(per_conv)
     print_result(figures, {"budget": args.budget, "embedder": embedder.name, "quick": args.quick, "halves": halves})
     return 0
 

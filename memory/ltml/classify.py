@@ -105,8 +105,12 @@ def expires_days(sentence: str) -> float:
 
 
 _PAST = re.compile(
-    r"\b(?:went|was|were|had|did|got|came|left|ran|won|lost|made|took|gave|met|saw|bought|sold|told|found|"
-    r"finished|started|launched|opened|closed|moved|passed|signed|booked|arrived|happened|turned)\b", re.I)
+    r"\b(?:went|was|were|had|did|got|came|left|ran|swam|won|lost|made|took|gave|met|saw|bought|sold|told|found|"
+    r"caught|wrote|drove|flew|rode|ate|drank|broke|fell|began|sang|threw|spent|paid|sent|built|held|kept|"
+    r"[a-z]{3,}ed)\b", re.I)
+#: adjectives in -ed that describe a state ("I'm tired today"), not an event
+_STATE_ED = re.compile(r"\b(?:tired|stressed|bored|worried|excited|exhausted|scared|annoyed|confused|"
+                       r"overwhelmed|relaxed|depressed|closed|booked|packed|crowded|delayed|cancelled|canceled)\b", re.I)
 _NOT_PAST = re.compile(
     r"\b(?:i'm|i am|we're|we are|is|are|am|will|i'll|we'll|going to|gonna|have to|need to|tomorrow|tonight|"
     r"later)\b", re.I)
@@ -114,7 +118,8 @@ _NOT_PAST = re.compile(
 
 def _past_event(body: str) -> bool:
     """ "The app went live today" is a dated event that stays true, not a state that will pass."""
-    return bool(_PAST.search(body)) and not _NOT_PAST.search(body)
+    past = [w for w in _PAST.findall(body) if not _STATE_ED.fullmatch(w)]
+    return bool(past) and not _NOT_PAST.search(body)
 
 
 def is_feedback(sentence: str) -> bool:

@@ -8,11 +8,18 @@ extracted, is still reachable.
   cosine and by BM25 (``rank_bm25``) over the same texts; the two rankings are fused by
   reciprocal-rank fusion, ``sum 1 / (rrf_k + rank)``. Importance and recency only break exact
   ties: a memory used on many turns never outranks a more relevant one.
+- **A second hop for multi-hop questions.** Names (capitalised words not opening a sentence)
+  in the best ``hop_from`` items that the question does not contain become a BM25 query of
+  their own, fused at ``hop_weight``: "what have the rabbits chewed?" finds "Clementine" in
+  the adoption message, then the message about Clementine and the charger.
 - **De-duplicated.** An episode that an active memory came from is represented by that
   memory (which takes the better of the two ranks); an episode whose memories were all
   superseded is hidden (it holds a stale value). Expired temporary states are skipped.
 - **Standing instructions ride along with every turn** (they apply whatever the question),
   in at most ``instruction_share`` of the budget, before the relevant items.
+- **One dated line per day.** Instructions and lessons come first, undated; the rest follow
+  in date order, the items of one day sharing a line (" | "), so a date is paid for once;
+  the "User:" prefix is dropped (the header says whose memories these are).
 - **The budget is filled by tokens**: items are added in rank order while the block fits;
   an item that does not fit is skipped and smaller ones after it may still go in. There is
   no fixed count (``top_k`` = 0), although one can be set.
@@ -59,10 +66,6 @@ class WakeConfig:
     #: the budget fill with the next-best items, as a raw-log search would
     min_relevance: float = 0.0
     rrf_k: float = 60.0
-    #: how the two rankings are combined: "rrf" (reciprocal rank), "wrrf" (reciprocal rank, the BM25
-    #: term scaled by the BM25 score relative to the best one), "mix" (cosine + bm25_weight * BM25 / best)
-    fusion: str = "rrf"
-    bm25_weight: float = 0.3
     #: second hop: names (capitalised words) in the best ``hop_from`` items that the question does not
     #: contain become a BM25 query of their own, fused with ``hop_weight`` ("the rabbits" -> "Clementine");
     #: 0 turns it off
@@ -70,6 +73,9 @@ class WakeConfig:
     hop_weight: float = 0.5
     #: search the raw user messages beside the memories
     episodes: bool = True
+    #: hide the message of a temporary state that has expired ("my parents visit tonight", days later);
+    #: False keeps it reachable, dated, as any raw message
+    hide_expired: bool = True
     #: longest episode rendered, in words (a long message is cut after this)
     episode_words: int = 60
     #: share of the budget standing instructions may take on a turn with a query
@@ -212,8 +218,9 @@ def rank(
                 covered.setdefault(iid, m)
                 if m.subject is None and m.kind == "fact":
                     split.setdefault(iid, []).append(m)
-            elif m.superseded_by is not None or (m.memory_class == "temporary" and not _live(m, now)):
-                stale.add(iid)  # an old value, or a temporary state that has passed
+            elif m.superseded_by is not None or (cfg.hide_expired and m.memory_class == "temporary"
+                                                 and not _live(m, now)):
+                stale.add(iid)  # an old value (or, with hide_expired, a temporary state that has passed)
     # a message cut into several unkeyed sentences is shown once, whole, as its episode: one line,
     # one date, and the sentences keep each other's context
     absorbed = {m.id for iid, ms in split.items() if len(ms) >= 2 for m in ms}
@@ -241,23 +248,16 @@ def rank(
     bm_rank = _ranks(bm, bm > 0, cfg.candidates)
     fused = np.zeros(len(docs), np.float64)
     best_bm = float(bm.max()) if len(bm) and bm.max() > 0 else 1.0
-    if cfg.fusion == "mix":
-        for j in cos_rank:
-            fused[j] = max(1e-9, float(cos[j])) + cfg.bm25_weight * float(bm[j]) / best_bm
-        top = 1.0 + cfg.bm25_weight
-    else:
-        for j, r in cos_rank.items():
+    for ranks in (cos_rank, bm_rank):
+        for j, r in ranks.items():
             fused[j] += 1.0 / (cfg.rrf_k + r + 1)
-        for j, r in bm_rank.items():
-            w = float(bm[j]) / best_bm if cfg.fusion == "wrrf" else 1.0
-            fused[j] += w / (cfg.rrf_k + r + 1)
-        top = 2.0 / (cfg.rrf_k + 1)
+    top = 2.0 / (cfg.rrf_k + 1)
     names = _hop_names(query, [docs[j].text for j in np.argsort(-fused, kind="stable")[: cfg.hop_from]
                                if fused[j] > 0]) if cfg.hop_from > 0 and cfg.hop_weight > 0 else []
     if names:
         hop = bm25_scores(" ".join(names), [m.embed_text or m.text for m in mems] + [e.embed_text or e.text for e in episodes])
         for j, r in _ranks(hop, hop > 0, cfg.candidates).items():
-            fused[j] += cfg.hop_weight * (1.0 / (cfg.rrf_k + r + 1) if cfg.fusion != "mix" else float(hop[j] / hop.max()))
+            fused[j] += cfg.hop_weight / (cfg.rrf_k + r + 1)
     by_id: dict[int, Injected] = {}
     for j in np.flatnonzero(fused > 0):
         d = docs[j]

@@ -363,3 +363,17 @@ def test_remember_after_a_question_is_an_instruction_not_an_answer():
     (c,) = extract_rules("three, plus me", prev_assistant=q, at=T0)
     assert c.kind == "fact" and c.text.startswith('Asked "How many people work in the shop?"')
     assert extract_rules("Remember that I never eat pork.", at=T0)[0].kind == "fact"  # a fact, said to be kept
+
+
+def test_an_event_of_the_day_stays_reachable_after_the_day(tmp_path):
+    """ "swam her first length today" is not a temporary state: its message must not vanish with the day."""
+    emb = HashEmbedder()
+    s = Store(tmp_path / "m.sqlite")
+    log_session(s, ["Zosia swam her first full length of the pool today, no floats.", "I'm sick today."], day=0)
+    sleep(s, emb, now=T0 + 0.5 * DAY)
+    block = wake(s, emb, "when did Zosia swim her first full length? am I sick?", now=T0 + 30 * DAY, touch=False)
+    assert "swam her first full length" in block.text and "(2023-11-14)" in block.text
+    assert "sick" not in block.text  # the temporary state expired, its message with it
+    kept = wake(s, emb, "am I sick?", WakeConfig(hide_expired=False), now=T0 + 30 * DAY, touch=False)
+    assert "sick" in kept.text  # unless asked to keep expired messages reachable
+    s.close()
