@@ -1,4 +1,4 @@
-"""``python -m memlm.apps.ltml {sleep,wake,log,stats,list,history,forget,restore,reindex} --db PATH``."""
+"""``python -m memlm.apps.ltml {sleep,wake,reflect,log,stats,list,history,forget,restore,reindex} --db PATH``."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--query", default=None)
     sp.add_argument("--budget", type=int, default=200)
     sp.add_argument("--top-k", type=int, default=0, help="at most this many items (0: the budget decides)")
+
+    sp = sub.add_parser("reflect", help="what did the user correct? one lesson per corrected assistant answer "
+                                        "(read-only; sleep stores them)")
+    sp.add_argument("--db", required=True, help="LTML SQLite database")
+    sp.add_argument("--base-url", default=None, help="OpenAI-compatible backend (JSON schema; rules on failure)")
+    sp.add_argument("--model", default=None)
+    sp.add_argument("--api-key", default=None)
+    sp.add_argument("--json", action="store_true", help="print the lessons as JSON lines")
 
     sp = sub.add_parser("log", help="append one interaction to the log")
     common(sp)
@@ -97,6 +105,21 @@ def main(argv: list[str] | None = None) -> int:
             print(inj.explain())
             if inj.text:
                 print(inj.text)
+        elif args.cmd == "reflect":
+            from memlm.memory.ltml.reflect import reflect
+
+            backend = None
+            if args.base_url:
+                from memlm.apps.chat_backends import OpenAIBackend
+
+                backend = OpenAIBackend(args.base_url, model=args.model, api_key=args.api_key)
+            found = reflect(store, backend, log=lambda m: print(m, file=sys.stderr))
+            for c in found:
+                print(json.dumps({"reply": c.reply_id, "kind": c.kind, "source": c.source, "lesson": c.lesson,
+                                  "feedback": c.feedback}, ensure_ascii=False) if args.json else
+                      f"#{c.reply_id} [{c.kind}, {c.source}] {c.lesson}")
+            if not found:
+                print("no corrections found")
         elif args.cmd == "log":
             sid = args.session if args.session is not None else store.start_session("cli", at=args.at)
             print(store.log(sid, args.role, args.text, at=args.at))

@@ -123,3 +123,18 @@ def test_a_reply_that_fails_the_schema_falls_back_to_the_rules(server, tmp_path)
     assert parse_reflection('{"lessons": [{"turn": 1, "lesson": "Be brief."}]}', 3) == {1: ("Be brief.", "other")}
     assert feedback_pairs(store, after_id=10**6) == []
     store.close()
+
+
+def test_the_reflect_command_prints_each_correction(tmp_path, capsys):
+    from memlm.apps.ltml import main
+
+    db = tmp_path / "c.sqlite"
+    store = Store(db)
+    _chat(store)
+    store.close()
+    assert main(["reflect", "--db", str(db), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kind"] for r in rows] == ["fact", "format", "length"] and all(r["source"] == "rules" for r in rows)
+    assert rows[1]["lesson"].startswith("Lesson: Do not use bullet points")
+    with Store(db) as s:  # read-only: reflect stores nothing (sleep does)
+        assert s.memories() == []
