@@ -1,7 +1,7 @@
 """HMST micro vs a transformer of equal active parameters: training/inference tokens/s on this
 CPU, and the FLOPs (and time) saved by HMST's early exit.
 
-    python bench/hmst_throughput.py [--quick] [--threads N] [--ablation-ckpt CKPT]
+    python bench/hmst_throughput.py [--quick] [--threads N] [--precision {fp32,bf16}] [--ablation-ckpt CKPT]
 
 - HMST: configs/hmst_micro.yaml's model (vocab 2048). Its full stage-1 training step is
   timed (MoE, Mamba SSM, FAISS read + write, episodic store, controller, critic, exit head).
@@ -10,6 +10,9 @@ CPU, and the FLOPs (and time) saved by HMST's early exit.
   non-embedding parameters of the language path (experts counted at top_k/n_experts;
   controller and critic excluded, they are off the token path).
 - Steps alternate between the two models (interleaved) and the median step time is used.
+- ``--precision bf16``: both models' forwards run under ``torch.autocast("cpu", bfloat16)``
+  (the backward outside it, as Lightning's bf16-mixed does); the default fp32 compares them
+  in full precision. Never one model in bf16 against the other in fp32.
 - Early exit: FLOPs of an HMST forward (eval) with the exit gate forced on vs off, counted
   by torch.utils.flop_counter.FlopCounterMode, plus the measured forward time.
 - ``--ablation-ckpt``: with a trained HMST checkpoint (e.g. from configs/hmst_micro.yaml),
@@ -19,6 +22,7 @@ CPU, and the FLOPs (and time) saved by HMST's early exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -57,10 +61,18 @@ def matched_transformer(hmst: HMSTLanguageModel, vocab: int) -> TransformerLM:
                          mlp_ratio=ratio, optimizer=OptimizerConfig(warmup_steps=1))
 
 
-def make_step(module, batch, opt):
+def autocast(precision: str):
+    """The same context for both models: bf16 autocast or nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(module, batch, opt, precision: str = "fp32"):
     def step():
         t0 = time.perf_counter()
-        loss = module.training_step(batch, 0)
+        with autocast(precision):
+            loss = module.training_step(batch, 0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -68,11 +80,11 @@ def make_step(module, batch, opt):
     return step
 
 
-def fwd_time(fn, repeats):
+def fwd_time(fn, repeats, precision: str = "fp32"):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision):
             fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -120,6 +132,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32, or bf16 autocast for BOTH models (forward under autocast, backward outside)")
     ap.add_argument("--ablation-ckpt", default=None, help="trained hmst_micro checkpoint for the gate ablation")
     args = ap.parse_args()
     if args.threads:
@@ -145,8 +159,8 @@ def main() -> int:
     opt_g = torch.optim.AdamW(gpt.parameters(), lr=1e-3)
     times_h, times_g = [], []
     for k in range(rounds + 2):  # 2 warm-up rounds; HMST sees consecutive stream chunks (state carried)
-        th = make_step(hmst, batch(k), opt_h)()
-        tg = make_step(gpt, batch(k), opt_g)()
+        th = make_step(hmst, batch(k), opt_h, args.precision)()
+        tg = make_step(gpt, batch(k), opt_g, args.precision)()
         if k >= 2:
             times_h.append(th)
             times_g.append(tg)
@@ -158,9 +172,13 @@ def main() -> int:
     gpt.eval()
     x = data[:, :T]
     reps = 3 if args.quick else 8
-    inf_h = fwd_time(lambda: hmst(x, schedule=ON), reps)
-    inf_g = fwd_time(lambda: gpt(x), reps)
-    inf_exit = fwd_time(lambda: hmst(x, schedule={**ON, "exit": 1.0}), reps)
+    # interleaved as the training steps: HMST, transformer, HMST with the exit gate on, repeated
+    ti_h, ti_g, ti_x = [], [], []
+    for _ in range(reps):
+        ti_h.append(fwd_time(lambda: hmst(x, schedule=ON), 1, args.precision))
+        ti_g.append(fwd_time(lambda: gpt(x), 1, args.precision))
+        ti_x.append(fwd_time(lambda: hmst(x, schedule={**ON, "exit": 1.0}), 1, args.precision))
+    inf_h, inf_g, inf_exit = statistics.median(ti_h), statistics.median(ti_g), statistics.median(ti_x)
     from torch.utils.flop_counter import FlopCounterMode
 
     def flops(fn):
@@ -204,7 +222,7 @@ def main() -> int:
             figures["val_loss_" + r["gates"].replace(" ", "_")] = round(r["val_loss"], 4)
     print(f"early exit: {100 * (1 - f_exit / f_full):.1f}% fewer forward FLOPs, {100 * (1 - inf_exit / inf_h):.1f}% less time")
     print(f"HMST/transformer training throughput: {train_h / train_g:.3f}x")
-    print_result(figures, {"quick": args.quick, "batch": args.batch, "seq_len": T, "rounds": rounds, "vocab": vocab,
+    print_result(figures, {"quick": args.quick, "batch": args.batch, "precision": args.precision, "seq_len": T, "rounds": rounds, "vocab": vocab,
                            "config": "configs/hmst_micro.yaml", "threads": torch.get_num_threads(),
                            "ablation_ckpt": args.ablation_ckpt})
     return 0
