@@ -174,6 +174,9 @@ def main() -> int:
     reps = 3 if args.quick else 8
     # interleaved as the training steps: HMST, transformer, HMST with the exit gate on, repeated
     ti_h, ti_g, ti_x = [], [], []
+    for _ in range(2):  # warm-up (first eval calls allocate), not timed
+        fwd_time(lambda: hmst(x, schedule=ON), 1, args.precision)
+        fwd_time(lambda: gpt(x), 1, args.precision)
     for _ in range(reps):
         ti_h.append(fwd_time(lambda: hmst(x, schedule=ON), 1, args.precision))
         ti_g.append(fwd_time(lambda: gpt(x), 1, args.precision))
