@@ -41,6 +41,7 @@ import numpy as np
 from memlm.memory.ltml.dates import iso_day
 from memlm.memory.ltml.index import MemoryIndex
 from memlm.memory.ltml.lexical import bm25_scores
+from memlm.memory.ltml.lexical import tokens as lexical_tokens
 from memlm.memory.ltml.store import Memory, Store
 
 DAY = 86400.0
@@ -66,6 +67,10 @@ class WakeConfig:
     #: the budget fill with the next-best items, as a raw-log search would
     min_relevance: float = 0.0
     rrf_k: float = 60.0
+    #: a memory stands for (replaces) its source message only if it keeps this share of the message's
+    #: words; messages of at most ``holds_min_words`` content words always yield to their memory
+    holds_share: float = 0.7
+    holds_min_words: int = 4
     #: second hop: names (capitalised words) in the best ``hop_from`` items that the question does not
     #: contain become a BM25 query of their own, fused with ``hop_weight`` ("the rabbits" -> "Clementine");
     #: 0 turns it off
@@ -178,6 +183,17 @@ def _hop_names(query: str, texts: list[str]) -> list[str]:
     return out
 
 
+def _holds(m: Memory, episode: Memory, cfg: WakeConfig) -> bool:
+    """Whether memory ``m`` keeps the words of the message it came from (then it stands for the message).
+    A memory drawn from part of a longer message ("The user's daughter is called Zosia." from "My daughter
+    Zosia lost her first tooth at breakfast.") does not: the message stays a candidate of its own."""
+    words = lexical_tokens(episode.embed_text or episode.text)
+    if len(words) <= cfg.holds_min_words:
+        return True  # a short answer: the memory is its resolved form
+    have = set(lexical_tokens(f"{m.text} {m.embed_text or ''}"))
+    return sum(w in have for w in words) >= cfg.holds_share * len(words)
+
+
 def _recency(m: Memory, now: float, cfg: WakeConfig) -> float:
     last = max(m.updated_at, m.last_accessed or 0.0)
     return 0.5 ** (max(0.0, now - last) / DAY / cfg.recency_half_life_days)
@@ -261,7 +277,8 @@ def rank(
     by_id: dict[int, Injected] = {}
     for j in np.flatnonzero(fused > 0):
         d = docs[j]
-        if d.kind == EPISODE and d.provenance[0] in covered:
+        if d.kind == EPISODE and d.provenance[0] in covered and (
+                d.provenance[0] in stale or _holds(covered[d.provenance[0]], d, cfg)):  # a stale value never shows
             d = covered[d.provenance[0]]  # the memory wins over the episode it came from, at the better rank
         it = Injected(d, float(fused[j]), float(fused[j] / top), d.importance, _recency(d, now, cfg),
                       cosine=max(0.0, float(cos[j])), bm25=float(bm[j] / best_bm))

@@ -236,3 +236,23 @@ def test_second_hop_follows_names_from_the_best_hits(minilm, tmp_path):
     texts = ["About Clementine: she met Pip.", "Where? In Lisbon."]  # sentence openers are not names
     assert _hop_names(q, texts) == ["Clementine", "Pip", "Lisbon"]
     assert _hop_names("my trip to lisbon", texts) == ["Clementine", "Pip"]  # the question's own names are not new
+
+
+def test_a_memory_that_keeps_only_part_of_its_message_does_not_hide_the_message(minilm, tmp_path):
+    s = Store(tmp_path / "p.sqlite")
+    log_session(s, ["My daughter Zosia lost her first tooth at breakfast."], 0)
+    log_session(s, ["I live in Gdańsk."], 1)
+    sleep(s, minilm, now=T0 + 2 * DAY)
+    names = [m for m in s.memories() if m.subject == "user.daughter"]
+    assert names and "tooth" not in names[0].text  # the name memory keeps the name, not the tooth
+    for m in s.memories():  # the whole-sentence memory decays (ordinary); the protected name memory stays
+        if m.subject is None and "tooth" in m.text:
+            s.forget(m.id, reason={"by": "test"})
+    ranked = rank(s, minilm, "when did Zosia lose her first tooth?", now=T0 + 2 * DAY)
+    assert any(it.memory.kind == "episode" and "tooth" in it.memory.text for it in ranked[:2])
+    # a memory that keeps the message's words stands for it: the message is not shown twice
+    home = rank(s, minilm, "where do I live?", now=T0 + 2 * DAY)
+    assert sum("Gdańsk" in it.memory.text for it in home) == 1 and home[0].memory.kind != "episode"
+    strict = rank(s, minilm, "when did Zosia lose her first tooth?", now=T0 + 2 * DAY,
+                  config=WakeConfig(holds_share=0.0))  # every memory stands for its message (the old rule)
+    assert not any(it.memory.kind == "episode" and "tooth" in it.memory.text for it in strict)
