@@ -271,7 +271,8 @@ def rank(
     names = _hop_names(query, [docs[j].text for j in np.argsort(-fused, kind="stable")[: cfg.hop_from]
                                if fused[j] > 0]) if cfg.hop_from > 0 and cfg.hop_weight > 0 else []
     if names:
-        hop = bm25_scores(" ".join(names), [m.embed_text or m.text for m in mems] + [e.embed_text or e.text for e in episodes])
+        hop = bm25_scores(" ".join(names), [m.embed_text or m.text for m in mems]
+                          + [e.embed_text or e.text for e in episodes])
         for j, r in _ranks(hop, hop > 0, cfg.candidates).items():
             fused[j] += cfg.hop_weight / (cfg.rrf_k + r + 1)
     by_id: dict[int, Injected] = {}
