@@ -19,7 +19,8 @@ SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # the bounded-growth micro configuration (docs/htm.md "Steady throughput"): htm_micro's columns
 # with 8 cells each and a per-cell segment limit of 4 that binds within the first 10k tokens,
-# so the synapse count (and a step's cost, which follows it) stops growing
+# so the synapse count (and a step's cost, which follows it) stops growing; configs/htm_micro.yaml
+# and configs/htm_micro_shakespeare.yaml use exactly this model
 BOUNDED = dict(encoder_size=1024, encoder_active_bits=40, columns=1024, sp_density=0.04, cells_per_column=8,
                predicted_segment_decrement=0.004, max_segments_per_cell=4)
 
