@@ -53,7 +53,7 @@ VALUES = {
                      controller_hidden=8, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32,
                      exit_entropy_threshold=2.5),
     HAMTConfig: dict(vocab_size=300, n_layer=1, n_embd=16, n_slots=4, binding="circular", key_source="position",
-                     gate_mode="recurrent", scan_chunk=8, conv_kernel=2, mlp_ratio=2.0, dropout=0.1, tau_min=2.0,
+                     gate_mode="recurrent", scan_chunk=5, conv_kernel=2, mlp_ratio=2.0, dropout=0.1, tau_min=2.0,
                      tau_max=100.0, key_seed=3, aux_weight=0.2, compile_scan=True, mem_expand=2,
                      scan_impl="materialized"),
     LearnerConfig: dict(initial_vocab_size=40, max_vocab_size=300, merge_threshold=2, max_unit_len=6,
