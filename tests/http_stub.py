@@ -1,7 +1,8 @@
 """Loopback HTTP stubs for the tests that talk to OpenAI-compatible servers (no mocks).
 
 ``JsonHandler`` is a quiet request handler with ``_read_json()`` and ``_send(code, payload)``
-(a dict or list goes out as JSON, bytes as they are, None as an empty body); ``serving(handler)``
+(a dict or list goes out as JSON, bytes as they are, None as an empty body), plus
+``_send_models(*ids)`` and ``_send_chat(model, content)`` for OpenAI-shaped answers; ``serving(handler)``
 runs it on a free loopback port for the length of a ``with`` block and yields its base URL;
 ``closed_port()`` is a port nothing listens on (a server that is down)."""
 from __future__ import annotations
@@ -28,6 +29,16 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_models(self, *ids: str) -> None:
+        """A ``GET /v1/models`` answer listing ``ids``."""
+        self._send(200, {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "test"} for i in ids]})
+
+    def _send_chat(self, model: str, content: str) -> None:
+        """A non-streaming chat completion whose one choice says ``content``."""
+        self._send(200, {"id": "c", "object": "chat.completion", "model": model,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                      "finish_reason": "stop"}]})
 
 
 @contextmanager

@@ -32,14 +32,12 @@ class _Structured(JsonHandler):
     requests: list = []
 
     def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "llama3.1:8b", "object": "model", "owned_by": "test"}]})
+        self._send_models("llama3.1:8b")
 
     def do_POST(self):
         body = self._read_json()
         type(self).requests.append(body)
-        self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": type(self).reply},
-                                 "finish_reason": "stop"}]})
+        self._send_chat(body["model"], type(self).reply)
 
 
 @pytest.fixture()

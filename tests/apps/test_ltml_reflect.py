@@ -68,16 +68,14 @@ class _Reflecting(JsonHandler):
     requests: list = []
 
     def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "llama3.1:8b", "object": "model", "owned_by": "test"}]})
+        self._send_models("llama3.1:8b")
 
     def do_POST(self):
         body = self._read_json()
         type(self).requests.append(body)
         name = (body.get("response_format") or {}).get("json_schema", {}).get("name")
         content = type(self).reply if name == "ltml_lessons" else json.dumps({"memories": []})
-        self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "finish_reason": "stop"}]})
+        self._send_chat(body["model"], content)
 
 
 @pytest.fixture()

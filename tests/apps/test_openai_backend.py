@@ -22,7 +22,7 @@ class _LLM(JsonHandler):
     requests: list = []
 
     def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "extractor", "object": "model", "owned_by": "test"}]})
+        self._send_models("extractor")
 
     def do_POST(self):
         body = self._read_json()
@@ -30,10 +30,7 @@ class _LLM(JsonHandler):
         if type(self).fail_first > 0:
             type(self).fail_first -= 1
             return self._send(503, None)
-        reply = "Here you go: " + json.dumps(EXTRACTED)
-        self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                      "finish_reason": "stop"}]})
+        self._send_chat(body["model"], "Here you go: " + json.dumps(EXTRACTED))
 
 
 @pytest.fixture()
