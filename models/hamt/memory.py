@@ -179,7 +179,7 @@ class ChunkedSlotStates:
             b = F.pad(b, (0, 0, 0, pad))
             g = F.pad(g, (0, 0, 0, pad))
             reset = None if reset is None else F.pad(reset, (0, pad))
-        self.T, self.C, self.n, self.S = T, C, n, S
+        self.T, self.C, self.n = T, C, n
         self.b = b.reshape(B, n, C, E)
         idx = torch.arange(C, device=b.device)
         diff = (idx[:, None] - idx[None, :]).to(log_decay.dtype)

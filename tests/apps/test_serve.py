@@ -5,7 +5,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from memlm.core.errors import MemLMError
+from http_stub import closed_port
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-key"
@@ -246,12 +246,6 @@ def test_server_with_ltml_memory_injects_and_logs(tmp_path, backend):
         memory.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -261,7 +255,7 @@ def _env() -> dict:
 @pytest.mark.slow  # two fresh interpreters importing torch + lightning: ~15 s idle, more on a busy machine
 def test_serve_cli_and_chat_cli_talk_over_loopback(tiny_ckpt, backend):
     """The real entry points as a user runs them: serve.py in one process, chat.py in another."""
-    port = _free_port()
+    port = closed_port()  # free now: the server under test binds it
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--ckpt", str(tiny_ckpt), "--port", str(port),
                              "--api-key", API_KEY, "--model-name", "tiny"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -317,7 +311,7 @@ def test_chat_local_checkpoint_prompt_loop_memory_and_errors(tiny_ckpt, backend,
                       "--max-new-tokens", "2", "--no-sleep-on-exit"]) == 0
     assert "The user has a cat named Miso." in capsys.readouterr().err
     with pytest.raises(MemLMError, match="cannot reach"):
-        chat.main(["--base-url", f"http://127.0.0.1:{_free_port()}", "--prompt", "x"])
+        chat.main(["--base-url", f"http://127.0.0.1:{closed_port()}", "--prompt", "x"])
     with pytest.raises(MemLMError, match="nothing to chat with"):
         chat.main([])
     # user errors through the real entry point: one 'error:' line, exit code 2
