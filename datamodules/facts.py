@@ -5,6 +5,8 @@
     text      "The capital of Zorbia is Quelt."
     question  "What is the capital of Zorbia?"
     value     "Quelt"                                  (the answer; exact match is the metric)
+    cloze     "The capital of Zorbia is"               (the answer prefix; prompt("cloze") asks
+                                                        the question, then this)
 
 Names are invented from syllables, so no pretrained knowledge can answer them. Every name
 belongs to exactly one split, decided by a hash of the name itself (not by the seed), so the
@@ -23,6 +25,7 @@ import numpy as np
 from memlm.core.errors import MemLMError
 
 SPLITS = ("train", "eval")
+PROMPT_STYLES = ("cloze", "question")
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "qu", "th", "dr")
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "l", "r", "s", "th", "x")
@@ -54,6 +57,19 @@ class Fact:
     @property
     def answer(self) -> str:
         return self.value
+
+    @property
+    def cloze(self) -> str:
+        """The statement up to its value ("The capital of Zorbia is"): the answer prefix a
+        cloze-style prompt ends with, so that the answer is the very next words."""
+        return self.text[: self.text.rindex(self.value)].rstrip()
+
+    def prompt(self, style: str = "cloze") -> str:
+        """The question as asked: ``"question"`` alone ("What is the capital of Zorbia?"), or
+        ``"cloze"``: the question, then the answer prefix ("... of Zorbia? The capital of Zorbia is")."""
+        if style not in PROMPT_STYLES:
+            raise MemLMError(f"fact prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+        return self.question if style == "question" else f"{self.question} {self.cloze}"
 
 
 def name_split(name: str) -> str:

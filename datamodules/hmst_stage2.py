@@ -13,7 +13,8 @@ selectable with ``parts`` (one training batch is one part; parts take turns):
   logs ``val/recall_acc`` (a row is right when every key token is).
 * ``facts``: seeded synthetic facts (:mod:`memlm.datamodules.facts`) at the start, then corpus
   text, then one question about them and its answer; train and validation facts use disjoint
-  names. The first chunk is flagged ``write_memory``: HMST ingests it into semantic memory (in
+  names. ``fact_prompt: cloze`` (default) follows the question with the answer prefix ("What
+  is the capital of Zorbia? The capital of Zorbia is" Quelt.), ``question`` asks it bare. The first chunk is flagged ``write_memory``: HMST ingests it into semantic memory (in
   validation too, removing those items afterwards), so the question can read the fact back.
   Logs ``val/fact_em`` (exact match of the answer tokens).
 
@@ -31,7 +32,7 @@ import numpy as np
 from memlm.core.checks import require_positive
 from memlm.core.errors import MemLMError
 from memlm.core.tokenizer import TextTokenizer
-from memlm.datamodules.facts import make_facts
+from memlm.datamodules.facts import PROMPT_STYLES, make_facts
 from memlm.datamodules.recall import IGNORE, PASSKEY_QUESTION, _RecallLoader
 from memlm.datamodules.text import TextDataModule
 
@@ -69,6 +70,7 @@ class HMSTStage2DataModule(L.LightningDataModule):
         train_rows: int = 512,
         val_rows: int = 32,
         facts_per_row: int = 3,
+        fact_prompt: str = "cloze",
         max_key: int = 99999,
         seed: int = 1234,
         cache_dir: str | None = None,
@@ -84,6 +86,9 @@ class HMSTStage2DataModule(L.LightningDataModule):
             raise MemLMError(f"data.segments must be >= 2 so that answers lie beyond the attention window, got {segments}")
         self.block_size, self.segments, self.batch_size = block_size, segments, batch_size
         self.train_rows, self.val_rows, self.facts_per_row, self.max_key = train_rows, val_rows, facts_per_row, max_key
+        if fact_prompt not in PROMPT_STYLES:
+            raise MemLMError(f"data.fact_prompt must be one of {', '.join(PROMPT_STYLES)}, got {fact_prompt!r}")
+        self.fact_prompt = fact_prompt
         self.seed = seed
         self.text = TextDataModule(source=source, tokenizer=tokenizer, vocab_size=vocab_size, block_size=block_size,
                                    batch_size=batch_size, seed=seed, cache_dir=cache_dir)
@@ -131,7 +136,7 @@ class HMSTStage2DataModule(L.LightningDataModule):
             facts = make_facts(self.facts_per_row, fact_seed, split)
             head = enc(" ".join(f.text for f in facts) + " ")
             asked = facts[int(rng.integers(len(facts)))]
-            tail_q, answer = enc(" " + asked.question), enc(" " + asked.answer + ".")
+            tail_q, answer = enc(" " + asked.prompt(self.fact_prompt)), enc(" " + asked.answer + ".")
         n_mid = L1 - len(head) - len(tail_q) - len(answer)
         if n_mid < self.block_size:
             raise MemLMError(f"data.segments={self.segments} x block_size={self.block_size} is too short for the "

@@ -45,6 +45,7 @@ from memlm.memory.episodic import EpisodicStore
 from memlm.memory.semantic import SemanticMemory
 
 DEFAULT_TRAIN_SCHEDULE = {"exit": 0.05, "episodic": 0.9, "semantic": 0.9, "verify": 0.25, "expert_bias": 0.1}
+MEM_VALUES = ("hidden", "next_token")
 DEFAULT_EVAL_SCHEDULE = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
 
 
@@ -74,11 +75,19 @@ class HMSTLanguageModel(LanguageModel):
         ssm_backend: str = "auto",
         mem_top_k: int = 4,
         mem_query_stride: int = 1,
+        mem_score_bias: float = 0.0,
+        mem_key_window: int = 1,
         mem_index_type: str = "flat",
         mem_max_items: int | None = 65536,
         mem_write: bool = True,
         mem_write_stride: int = 4,
         mem_text_tokens: int = 32,
+        # what a semantic item holds as its value: "hidden" (the token's final hidden state) or
+        # "next_token" (the embedding of the token that followed it: a kNN-LM memory, so that a
+        # fact read back can name its answer; see docs/hmst.md "What a memory item holds")
+        mem_value: str = "hidden",
+        # stride of ingest() and of chunks flagged write_memory (None = mem_write_stride)
+        mem_ingest_stride: int | None = None,
         episodic_capacity: int = 1024,
         episodic_top_k: int = 2,
         controller_hidden: int = 64,
@@ -115,7 +124,8 @@ class HMSTLanguageModel(LanguageModel):
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=d_ff,
             n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor, exit_layer=exit_layer, dropout=dropout,
             rope_base=rope_base, ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
-            ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, episodic_top_k=episodic_top_k,
+            ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, mem_score_bias=mem_score_bias,
+            mem_key_window=mem_key_window, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
             critic_heads=critic_heads, critic_max_len=critic_max_len, exit_entropy_threshold=exit_entropy_threshold,
         )
@@ -124,10 +134,18 @@ class HMSTLanguageModel(LanguageModel):
         self.train_schedule = DEFAULT_TRAIN_SCHEDULE if gate_schedule is None else gate_schedule
         self.eval_schedule = DEFAULT_EVAL_SCHEDULE if eval_gate_schedule is None else eval_gate_schedule
         self.mem_write, self.mem_write_stride, self.mem_text_tokens = mem_write, max(1, int(mem_write_stride)), mem_text_tokens
+        if mem_value not in MEM_VALUES:
+            raise MemLMError(f"model.mem_value must be one of {', '.join(MEM_VALUES)}, got {mem_value!r}")
+        if mem_ingest_stride is not None and (isinstance(mem_ingest_stride, bool) or int(mem_ingest_stride) < 1):
+            raise MemLMError(f"model.mem_ingest_stride must be an integer >= 1 (or null = mem_write_stride), got {mem_ingest_stride!r}")
+        self.mem_value = mem_value
+        self.mem_ingest_stride = self.mem_write_stride if mem_ingest_stride is None else int(mem_ingest_stride)
         self.loss_weights = {"balance": balance_loss_weight, "router_z": z_loss_weight, "exit": exit_loss_weight,
                         "critic": critic_loss_weight}
         self.semantic = SemanticMemory(d_model, d_model, index_type=mem_index_type, max_items=mem_max_items)
-        self.episodic = EpisodicStore(episodic_capacity, None, d_model)  # no SSM copy: see memlm.memory.episodic
+        # no SSM copy (see memlm.memory.episodic); each episode keeps its tokens and the one after,
+        # what consolidation replays into semantic memory
+        self.episodic = EpisodicStore(episodic_capacity, None, d_model, token_len=block_size + 1)
         self._generating = False
         self.task_eval = TaskEval()
         # stage 3 / stage 4: installed by memlm.callbacks.rl_stage.RLStage / critic_stage.CriticStage,
@@ -204,7 +222,9 @@ class HMSTLanguageModel(LanguageModel):
         if critic is not None:
             aux["critic"] = self.loss_weights["critic"] * critic
         total = loss + self._log_extras(out, aux=aux, on_step=True, on_epoch=False)
-        self._write_memories(x, out, y, token_losses.detach())
+        # a chunk flagged write_memory (stage-2 facts) is ingested, as a document would be
+        self._write_memories(x, out, y, token_losses.detach(),
+                             stride=self.mem_ingest_stride if batch.get("write_memory") else None)
         if self.step_logs_due():  # other steps' values would be dropped by Lightning anyway
             self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
             self.log("mem/semantic_items", float(len(self.semantic)), on_step=True, on_epoch=False)
@@ -249,19 +269,26 @@ class HMSTLanguageModel(LanguageModel):
         return ids.to(device)
 
     # -- memory writes ---------------------------------------------------------------------------
-    def _segment_texts(self, x: torch.Tensor, positions: torch.Tensor) -> list[str] | None:
+    def _segment_texts(self, x: torch.Tensor, positions: torch.Tensor, shift: int = 0) -> list[str] | None:
+        """The text of each (row, position) item: the ``mem_text_tokens`` tokens ending at the
+        position + ``shift`` (1 for next-token items, whose text ends with the token they name)."""
         if self.tokenizer is None or self.mem_text_tokens <= 0:
             return None
         rows = x.detach().cpu().tolist()
         out = []
         for row in rows:
             for t in positions.tolist():
-                out.append(self.tokenizer.decode(row[max(0, t - self.mem_text_tokens + 1): t + 1]))
+                end = t + shift
+                out.append(self.tokenizer.decode(row[max(0, end - self.mem_text_tokens + 1): end + 1]))
         return out
 
-    def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int, include_last: bool = False):
-        """Items for every stride-th token of the rows that ran the full model (values are final
-        hidden states; rows that exited early have no final state and are not written).
+    def _memory_items(self, x: torch.Tensor, out: HMSTOutput, stride: int, include_last: bool = False,
+                      next_ids: torch.Tensor | None = None):
+        """Items for every stride-th token of the rows that ran the full model (rows that exited
+        early have no final state and are not written). Keys are exit-layer states; values are
+        final hidden states (``mem_value: hidden``) or the embedding of the token that followed
+        (``next_token``; ``next_ids`` [B, T] gives it, < 0 where unknown, default ``x`` shifted
+        left, so a chunk's last token is written only when ``next_ids`` knows its successor).
         ``include_last`` also writes the segment's last token, so a document's tail (often the
         value of a fact) is never dropped when its length is not a multiple of the stride."""
         T = x.size(1)
@@ -272,17 +299,31 @@ class HMSTLanguageModel(LanguageModel):
         if out.exit_rows is not None:
             rows = rows[~out.exit_rows.to(x.device)]
         keys = out.mem_keys[rows][:, pos].reshape(-1, self.config.d_model)
-        values = out.hidden.detach()[rows][:, pos].reshape(-1, self.config.d_model)
-        return keys, values, self._segment_texts(x[rows], pos.cpu())
+        if self.mem_value == "hidden":
+            values = out.hidden.detach()[rows][:, pos].reshape(-1, self.config.d_model)
+            return keys, values, self._segment_texts(x[rows], pos.cpu())
+        if next_ids is None:
+            next_ids = torch.cat([x[:, 1:], x.new_full((x.size(0), 1), -1)], 1)
+        nxt = next_ids.to(x.device)[rows][:, pos].reshape(-1)
+        ok = nxt >= 0
+        values = self.model.wte(nxt.clamp_min(0)).detach()
+        ext = torch.cat([x[rows], nxt.view(rows.numel(), -1)[:, -1:].clamp_min(0)], 1)  # the last successor appended
+        texts = self._segment_texts(ext, pos.cpu(), shift=1)
+        if texts is not None:
+            texts = [t for t, keep in zip(texts, ok.tolist()) if keep]
+        return keys[ok], values[ok], texts
 
     @torch.no_grad()
     def _write_memories(
-        self, x: torch.Tensor, out: HMSTOutput, y: torch.Tensor | None = None, token_losses: torch.Tensor | None = None
+        self, x: torch.Tensor, out: HMSTOutput, y: torch.Tensor | None = None, token_losses: torch.Tensor | None = None,
+        stride: int | None = None,
     ) -> None:
         """``token_losses``: the step's per-token cross-entropy of ``out.logits`` against ``y``
-        when the caller already has it (the episodes' surprise is its row mean), else computed."""
+        when the caller already has it (the episodes' surprise is its row mean), else computed.
+        ``stride``: every how many tokens an item is written (default ``mem_write_stride``)."""
         if self.mem_write:
-            keys, values, texts = self._memory_items(x, out, self.mem_write_stride)
+            nxt = None if y is None else torch.cat([x[:, 1:], y[:, -1:]], 1)
+            keys, values, texts = self._memory_items(x, out, stride or self.mem_write_stride, next_ids=nxt)
             self.semantic.replicated_add(keys.float(), values.float(), texts)
         st = out.state
         if st is not None and st.ssm:
@@ -291,7 +332,8 @@ class HMSTLanguageModel(LanguageModel):
             if token_losses is None and y is not None:
                 token_losses = self._token_losses(out.logits.detach(), y)
             surprise = token_losses.view(x.size(0), -1).mean(1) if token_losses is not None else None
-            self.episodic.add_batch(None, out.pooled.detach().float(), spans, surprise)
+            after = x.new_full((x.size(0), 1), -1) if y is None else y[:, -1:].clamp_min(-1)  # IGNORE -> unknown
+            self.episodic.add_batch(None, out.pooled.detach().float(), spans, surprise, tokens=torch.cat([x, after], 1))
 
     # -- ingestion -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -299,9 +341,10 @@ class HMSTLanguageModel(LanguageModel):
         """Write a document into the semantic memory; returns the new ids.
 
         The text is tokenized and run through the model in block_size segments (the SSM
-        state carried across them); every ``stride``-th token (default mem_write_stride)
-        becomes one item keyed by its exit-layer state, valued by its final hidden state,
-        with the preceding ``mem_text_tokens`` tokens as its text.
+        state carried across them); every ``stride``-th token (default mem_ingest_stride)
+        becomes one item keyed by its exit-layer state, valued by its final hidden state or
+        the next token's embedding (``mem_value``), with the ``mem_text_tokens`` tokens up to
+        it (next-token items: up to and including that next token) as its text.
 
         Under DDP the items are written with one ``replicated_add`` (a collective): every rank
         must call ``ingest`` the same number of times (each with its own text, any length); all replicas
@@ -314,7 +357,7 @@ class HMSTLanguageModel(LanguageModel):
             raise MemLMError("nothing to ingest: the text is empty")
         was_training = self.training
         self.eval()
-        stride = self.mem_write_stride if stride is None else max(1, int(stride))
+        stride = self.mem_ingest_stride if stride is None else max(1, int(stride))
         items = []
         try:
             state = None
@@ -326,7 +369,9 @@ class HMSTLanguageModel(LanguageModel):
                 last = s + self.config.block_size >= x_all.size(1)
                 if x.size(1) < stride and not last:
                     continue
-                items.append(self._memory_items(x, out, stride, include_last=last))
+                nxt = x_all[:, s + 1:s + 1 + x.size(1)]
+                nxt = torch.cat([nxt, nxt.new_full((1, x.size(1) - nxt.size(1)), -1)], 1)  # the document's end: none
+                items.append(self._memory_items(x, out, stride, include_last=last, next_ids=nxt))
         finally:
             self.train(was_training)
         if not items:  # a text shorter than the stride: still take part in the collective
@@ -407,7 +452,10 @@ class HMSTLanguageModel(LanguageModel):
             pooled = reset_tensor_rows(pooled, mask)
             valid = ~mask.to(pooled.device) if valid is None else valid & ~mask.to(valid.device)
         sim = None if state.prev_sim is None else reset_tensor_rows(state.prev_sim, mask)
-        return HMSTState(ssm=ssm, pos=state.pos, prev_pooled=pooled, prev_valid=valid, prev_sim=sim)
+        tail = None if state.key_tail is None else reset_tensor_rows(state.key_tail, mask)
+        count = None if state.key_count is None else reset_tensor_rows(state.key_count, mask)
+        return HMSTState(ssm=ssm, pos=state.pos, prev_pooled=pooled, prev_valid=valid, prev_sim=sim, key_tail=tail,
+                         key_count=count)
 
     def state_batch_size(self, state: HMSTState) -> int:
         return state.batch_size
@@ -431,11 +479,19 @@ class HMSTLanguageModel(LanguageModel):
             valid = state.prev_valid if state.prev_valid is not None else torch.ones(B, dtype=torch.bool)
             out["prev_valid"] = valid.to(state.prev_pooled.device, torch.bool).clone()
         out["prev_sim"] = torch.zeros(B, device=dev) if state.prev_sim is None else state.prev_sim.detach().float().clone()
+        w = self.config.mem_key_window
+        if w > 1:  # the config decides, so every rank has the same keys
+            out["key_tail"] = (torch.zeros(B, w - 1, self.config.d_model, device=dev) if state.key_tail is None
+                               else state.key_tail.detach().clone())
+            out["key_count"] = (torch.zeros(B, dtype=torch.long, device=dev) if state.key_count is None
+                                else state.key_count.clone())
         return out
 
     def state_from_dict(self, tensors: dict[str, torch.Tensor]) -> HMSTState:
         n = self.config.ssm_layers
         need = {"pos", "prev_pooled", "prev_valid"} | {f"ssm.{i}.{k}" for i in range(n) for k in ("conv", "ssm")}
+        if self.config.mem_key_window > 1:
+            need |= {"key_tail", "key_count"}
         if set(tensors) - {"prev_sim"} != need:  # prev_sim is absent from checkpoints before the gates moved first
             raise MemLMError(
                 f"saved HMST state {sorted(tensors)} does not fit this model ({n} SSM layers); resume with the "
@@ -446,7 +502,7 @@ class HMSTLanguageModel(LanguageModel):
         pooled = tensors["prev_pooled"] if bool(valid.any()) else None
         valid = None if pooled is None or bool(valid.all()) else valid
         return HMSTState(ssm=ssm, pos=int(tensors["pos"]), prev_pooled=pooled, prev_valid=valid,
-                         prev_sim=tensors.get("prev_sim"))
+                         prev_sim=tensors.get("prev_sim"), key_tail=tensors.get("key_tail"), key_count=tensors.get("key_count"))
 
     # -- checkpoint ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

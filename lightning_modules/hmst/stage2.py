@@ -48,6 +48,12 @@ def load_stage1(module, path: str | Path) -> None:
         raise MemLMError(f"{path} does not fit this stage-2 model ({what}); use the stage-1 config's model sizes")
     module.load_state_dict({k: state[k] for k in own}, strict=True)
     module.on_load_checkpoint({"memlm": ckpt["memlm"], "hmst_memory": ckpt.get("hmst_memory")})
+    # items whose values are of another kind (hidden states vs next-token embeddings) would
+    # be read as the wrong thing: a stage 2 that changes model.mem_value starts its semantic
+    # memory empty
+    was = (ckpt.get("hyper_parameters") or {}).get("mem_value", "hidden")
+    if was != module.mem_value and len(module.semantic):
+        module.semantic.clear()
 
 
 def apply_base_lr(module, base_lr_scale: float) -> None:

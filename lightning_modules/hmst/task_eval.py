@@ -22,7 +22,7 @@ class TaskEval:
     def update(self, module, batch: dict, out) -> None:
         y = batch["targets"]
         if batch.get("write_memory"):
-            keys, values, texts = module._memory_items(batch["input_ids"], out, module.mem_write_stride)
+            keys, values, texts = module._memory_items(batch["input_ids"], out, module.mem_ingest_stride)
             # a collective (every rank gets the same flagged chunks: equal rows per rank), so the
             # replicas and their id counters stay identical; every rank's items are removed later
             first = module.semantic.next_id

@@ -63,6 +63,13 @@ class HMSTConfig:
     # memory reads
     mem_top_k: int = 4
     mem_query_stride: int = 1
+    # added to the reader's attention logits: this x the item's retrieval score (cosine) for
+    # semantic items (0 = the reader alone decides what to read)
+    mem_score_bias: float = 0.0
+    # a semantic key (and query) is the mean of the exit-layer states of the last this many
+    # tokens (carried across segments): "capital of Zorbia is" then matches on the name, not
+    # on the last word alone (1 = the token's own state)
+    mem_key_window: int = 1
     episodic_top_k: int = 2
     # controller and critic
     controller_hidden: int = 64
@@ -77,6 +84,8 @@ class HMSTConfig:
     def __post_init__(self) -> None:
         if self.exit_layer is None:
             self.exit_layer = max(1, self.n_layer // 2)
+        if int(self.mem_key_window) != self.mem_key_window or self.mem_key_window < 1:
+            raise MemLMError(f"mem_key_window must be an integer >= 1, got {self.mem_key_window}")
         if not 1 <= self.exit_layer < self.n_layer:
             raise MemLMError(f"exit_layer must be in [1, n_layer-1] = [1, {self.n_layer - 1}], got {self.exit_layer}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -102,6 +111,10 @@ class HMSTState:
     # [B] best semantic-retrieval similarity of the row's latest search (a controller feature
     # known before this segment's search; rows that did not search keep their last value)
     prev_sim: torch.Tensor | None = None
+    # mem_key_window > 1: the last window-1 exit-layer states [B, w-1, D] (zeros where not yet
+    # seen) and how many of them are real [B]
+    key_tail: torch.Tensor | None = None
+    key_count: torch.Tensor | None = None
 
     def detach(self) -> "HMSTState":
         return HMSTState(
@@ -112,6 +125,8 @@ class HMSTState:
             decision=self.decision,
             prev_valid=self.prev_valid,
             prev_sim=None if self.prev_sim is None else self.prev_sim.detach(),
+            key_tail=None if self.key_tail is None else self.key_tail.detach(),
+            key_count=self.key_count,
         )
 
     @property
@@ -129,7 +144,7 @@ class HMSTOutput(ModelOutput):
     decision: GateDecision | None = None
     features: torch.Tensor | None = None  # [B, 4] controller state features
     pooled: torch.Tensor | None = None  # [B, D] controller input
-    mem_keys: torch.Tensor | None = None  # [B, T, D] keys to write (exit-layer states)
+    mem_keys: torch.Tensor | None = None  # [B, T, D] keys to write (exit-layer states, mem_key_window mean)
     retrieved_ids: torch.Tensor | None = None  # [B, T/stride, k] semantic ids read
     exit_rows: torch.Tensor | None = None  # [B] bool: rows whose upper layers were skipped
     layers_run: float = 0.0  # blocks executed per row, averaged over the batch
@@ -178,9 +193,13 @@ class MemoryReader(nn.Module):
             nn.init.normal_(self.o.weight, std=0.005)
             nn.init.constant_(self.gate.bias, -1.0)
 
-    def forward(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, T, D]; mem [B, Tq, M, Dv] and mask [B, Tq, M] per query position; token t reads
-        query position t // stride (memory is projected once per query, then shared).
+        query position t // stride (memory is projected once per query, then shared). ``bias``
+        [B, Tq, M] (optional) is added to every head's attention logits: the retrieval score
+        times ``mem_score_bias``, so a near-verbatim match wins the read before the reader has
+        learned to tell it apart.
 
         The tokens are grouped by query position ([B, Tq, stride, ...]), so the keys and values
         of a query position are never copied to its ``stride`` tokens; :meth:`forward_reference`
@@ -189,7 +208,7 @@ class MemoryReader(nn.Module):
         Tq, M = mem.size(1), mem.size(2)
         S = max(1, int(stride))
         if Tq * S < T:
-            return self.forward_reference(h, mem, mask, stride)
+            return self.forward_reference(h, mem, mask, stride, bias)
         H, hd = self.n_head, self.hd
         hn = self.ln(h)
         q = self.q(hn)
@@ -199,6 +218,8 @@ class MemoryReader(nn.Module):
         k, v = self.kv(self.ln_mem(mem.to(h.dtype))).view(B, Tq, M, 2, H, hd).unbind(3)
         scale = hd**-0.5
         s_mem = torch.einsum("bqshd,bqmhd->bqshm", q, k) * scale
+        if bias is not None:
+            s_mem = s_mem + bias[:, :, None, None, :].to(s_mem.dtype)
         s_mem = s_mem.masked_fill(~mask[:, :, None, None, :], float("-inf"))
         s_null = torch.einsum("bqshd,hd->bqsh", q, self.null_k.to(q.dtype)).unsqueeze(-1) * scale
         att = torch.cat([s_null, s_mem], dim=-1).float().softmax(-1).to(h.dtype)[..., 1:]
@@ -207,7 +228,8 @@ class MemoryReader(nn.Module):
         mass = att.reshape(B, Tq * S, H, M)[:, :T].sum(-1).mean()
         return self.o((out * g).reshape(B, T, D)), mass
 
-    def forward_reference(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_reference(self, h: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor, stride: int = 1,
+                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` with the memory of each query position repeated to its tokens."""
         B, T, D = h.shape
         Tq, M = mem.size(1), mem.size(2)
@@ -217,9 +239,12 @@ class MemoryReader(nn.Module):
         if stride > 1 or Tq != T:
             kv = kv.repeat_interleave(stride, dim=1)[:, :T]
             mask = mask.repeat_interleave(stride, dim=1)[:, :T]
+            bias = None if bias is None else bias.repeat_interleave(stride, dim=1)[:, :T]
         k, v = kv.unbind(3)
         scale = self.hd**-0.5
         s_mem = torch.einsum("bthd,btmhd->bthm", q, k) * scale
+        if bias is not None:
+            s_mem = s_mem + bias[:, :, None, :].to(s_mem.dtype)
         s_mem = s_mem.masked_fill(~mask[:, :, None, :], float("-inf"))
         s_null = torch.einsum("bthd,hd->bth", q, self.null_k.to(q.dtype)).unsqueeze(-1) * scale
         att = torch.cat([s_null, s_mem], dim=-1).float().softmax(-1).to(h.dtype)
@@ -326,7 +351,7 @@ class HMSTModel(nn.Module):
         scores = res.scores.view(n, nq, k).float()
         ids = res.ids.view(n, nq, k)
         best = torch.where(mask[..., 0], scores[..., 0], torch.zeros_like(scores[..., 0]))  # [n, nq]
-        return values, mask, best, ids
+        return values, mask, best, ids, scores
 
     def _episodes(self, query: torch.Tensor, store, Tq: int, meter: ComputeMeter):
         """Top-k stored episode summaries for each query row [n, D] -> [n, Tq, k', D] (None if none)."""
@@ -366,6 +391,25 @@ class HMSTModel(nn.Module):
         c = self.controller
         hid = c.trunk[2].in_features
         return float(rows) * 2 * ((c.d_model + c.n_state_features) * hid + hid * hid + hid * (len(GATES) + c.n_experts + 2))
+
+    @torch.no_grad()
+    def _window_keys(self, h_exit: torch.Tensor, state: HMSTState):
+        """Retrieval keys [B, T, D]: the causal mean of the last ``mem_key_window`` exit-layer
+        states (the carried tail first), with the new tail and count."""
+        w = int(self.cfg.mem_key_window)
+        if w <= 1:
+            return h_exit.detach(), None, None
+        B, T, D = h_exit.shape
+        dev = h_exit.device
+        tail = state.key_tail.to(dev, h_exit.dtype) if state.key_tail is not None else h_exit.new_zeros(B, w - 1, D)
+        cnt = state.key_count.to(dev) if state.key_count is not None else torch.zeros(B, dtype=torch.long, device=dev)
+        full = torch.cat([tail, h_exit.detach()], 1)  # [B, w-1+T, D]; unseen tail entries are zeros
+        csum = F.pad(full.float().cumsum(1), (0, 0, 1, 0))
+        end = torch.arange(T, device=dev) + w  # prefix-sum index one past each position
+        sums = csum[:, end] - csum[:, end - w]
+        n = (cnt[:, None] + torch.arange(1, T + 1, device=dev)[None]).clamp(max=w)
+        keys = (sums / n[..., None]).to(h_exit.dtype)
+        return keys, full[:, -(w - 1):], (cnt + T).clamp(max=w - 1)
 
     def _cache_len(self, kv: KVCache | None, layer: int) -> int:
         return 0 if kv is None or kv.keys[layer] is None else kv.keys[layer].size(2)
@@ -433,6 +477,7 @@ class HMSTModel(nn.Module):
             stats_all.append(st)
         h_exit = self.exit_norm(h)
         pooled = h.mean(1)
+        keys, key_tail, key_count = self._window_keys(h_exit, state)
 
         # 2) the gates decide before any memory work: every feature is known at this point
         # (exit-head entropy of the last token, position, occupancy, the previous segment's
@@ -517,8 +562,8 @@ class HMSTModel(nn.Module):
                 meter.add_flops("episodic_read", 2.0 * ep_idx.numel() * T * 3 * D * D)
             # semantic memory: FAISS search and reader only for rows whose semantic gate is on
             sem_idx = torch.nonzero(go_rows & (decision.semantic > 0.5)).squeeze(1)
-            retr = self._retrieve(h_exit[sem_idx], memory, stride, meter)
-            items, masks, read_rows = [], [], torch.zeros(n_up, dtype=torch.bool, device=dev)
+            retr = self._retrieve(keys[sem_idx], memory, stride, meter)
+            items, masks, biases, read_rows = [], [], [], torch.zeros(n_up, dtype=torch.bool, device=dev)
             if retr is not None:
                 sem_local = pos_in_run[sem_idx]
                 k = retr[0].size(2)
@@ -526,6 +571,7 @@ class HMSTModel(nn.Module):
                 msk = torch.zeros(n_up, Tq, k, dtype=torch.bool, device=dev).index_copy(0, sem_local, retr[1])
                 items.append(vals)
                 masks.append(msk)
+                biases.append(retr[4].new_zeros(n_up, Tq, k).index_copy(0, sem_local, retr[4] * cfg.mem_score_bias))
                 read_rows[sem_local] = True
                 new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
                 retrieved_ids = torch.full((B, Tq, k), -1, dtype=torch.long, device=dev).index_copy(0, sem_idx, retr[3])
@@ -539,11 +585,13 @@ class HMSTModel(nn.Module):
                     ke = eps.size(2)
                     items.append(eps.new_zeros(n_up, Tq, ke, eps.size(-1)).index_copy(0, epq_local, eps))
                     masks.append(torch.zeros(n_up, Tq, ke, dtype=torch.bool, device=dev).index_fill(0, epq_local, True))
+                    biases.append(torch.zeros(n_up, Tq, ke, device=dev))
                     read_rows[epq_local] = True
             if items:
                 rd = torch.nonzero(read_rows).squeeze(1)
                 mem = torch.cat(items, 2)[rd]
-                read, mem_attn = self.reader(hu[rd], mem, torch.cat(masks, 2)[rd], stride)
+                bias = torch.cat(biases, 2)[rd] if cfg.mem_score_bias else None
+                read, mem_attn = self.reader(hu[rd], mem, torch.cat(masks, 2)[rd], stride, bias)
                 meter.add_flops("reader", self._reader_flops(rd.numel(), T, Tq, mem.size(2)))
                 hu = hu.index_add(0, rd, read.to(hu.dtype))
             bias = decision.expert_bias[run_idx].unsqueeze(1)
@@ -588,7 +636,8 @@ class HMSTModel(nn.Module):
         metrics.update(meter.as_metrics())
 
         new_state = HMSTState(ssm=new_ssm, pos=state.pos + T, prev_pooled=pooled.detach(), kv=kv,
-                              decision=state.decision if kv is not None else None, prev_sim=new_sim.detach())
+                              decision=state.decision if kv is not None else None, prev_sim=new_sim.detach(),
+                              key_tail=key_tail, key_count=key_count)
         return HMSTOutput(
             logits=logits,
             state=new_state,
@@ -599,7 +648,7 @@ class HMSTModel(nn.Module):
             decision=decision,
             features=features,
             pooled=pooled,
-            mem_keys=h_exit.detach(),
+            mem_keys=keys,
             retrieved_ids=retrieved_ids,
             exit_rows=exit_rows,
             layers_run=layers_run,

@@ -38,3 +38,12 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(MemLMError, match="integer"):
         make_facts(-1, 0)
     assert make_facts(0, 0) == []
+
+
+def test_cloze_prompt_ends_with_the_statement_up_to_its_value():
+    for f in make_facts(12, 3):
+        assert f.text.startswith(f.cloze) and f.text[len(f.cloze):].strip().startswith(f.value)
+        assert f.prompt("question") == f.question
+        assert f.prompt() == f"{f.question} {f.cloze}" and f.prompt().endswith((" is", " the", " named"))
+    with pytest.raises(MemLMError, match="prompt style must be one of cloze, question"):
+        make_facts(1, 0)[0].prompt("essay")

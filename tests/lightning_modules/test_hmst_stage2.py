@@ -67,3 +67,60 @@ def test_stage2_errors_are_one_line(tmp_path):
         HMSTLanguageModel(**SMALL, init_checkpoint=str(bigger))
     with pytest.raises(MemLMError, match="base_lr_scale"):
         HMSTLanguageModel(**SMALL, base_lr_scale=2.0)
+
+
+def test_next_token_items_hold_the_embedding_of_the_token_that_followed():
+    """mem_value: next_token (a kNN-LM memory): each item's value is the embedding of the token
+    after its key's position, so the document's last token (no successor) writes no item, and
+    an item's text ends with the token it names."""
+    torch.manual_seed(0)
+    tok = build_tokenizer("byte")
+    m = HMSTLanguageModel(**{**SMALL, "vocab_size": tok.vocab_size}, mem_value="next_token", mem_ingest_stride=1).eval()
+    m.tokenizer = tok
+    text = "abcdefghijklmnopqrstuvwxyz0123456789"  # 36 tokens: 3 segments of block_size 16
+    ids = m.tokenizer.encode(text)
+    new = m.ingest(text)
+    assert len(new) == len(ids) - 1
+    values, found = m.semantic.get_values(new)
+    assert found.all()
+    want = m.model.wte.weight[torch.tensor(ids[1:])].detach()
+    assert torch.allclose(values.float(), want, atol=1e-6)  # across the segment boundaries too
+    texts = m.semantic.get_texts(new)
+    assert [t[-1] for t in texts] == list(text[1:])
+    # a chunk (no successor known) writes its last token only when next_ids names it
+    x = torch.tensor([ids[:16]])
+    with torch.no_grad():
+        out = m(x)
+    k, v, _ = m._memory_items(x, out, 1)
+    assert k.size(0) == 15
+    nxt = torch.cat([x[:, 1:], torch.tensor([[ids[16]]])], 1)
+    k, v, _ = m._memory_items(x, out, 1, next_ids=nxt)
+    assert k.size(0) == 16 and torch.allclose(v[-1], m.model.wte.weight[ids[16]].detach())
+
+
+def test_hidden_items_are_unchanged_and_bad_memory_options_are_one_line_errors():
+    torch.manual_seed(0)
+    tok = build_tokenizer("byte")
+    m = HMSTLanguageModel(**{**SMALL, "vocab_size": tok.vocab_size}, mem_write_stride=4).eval()
+    m.tokenizer = tok
+    x = torch.tensor([m.tokenizer.encode("abcdefghijklmnop")])
+    with torch.no_grad():
+        out = m(x)
+    k, v, _ = m._memory_items(x, out, 4)
+    assert torch.equal(v, out.hidden[0, 3::4]) and torch.equal(k, out.mem_keys[0, 3::4])
+    assert len(m.ingest("abcdefghij")) == 3  # default ingest stride = mem_write_stride (4): tokens 3, 7 and the tail
+    with pytest.raises(MemLMError, match="mem_value must be one of hidden, next_token"):
+        HMSTLanguageModel(**SMALL, mem_value="values")
+    with pytest.raises(MemLMError, match="mem_ingest_stride must be an integer >= 1"):
+        HMSTLanguageModel(**SMALL, mem_ingest_stride=0)
+
+
+def test_a_stage2_that_changes_mem_value_starts_with_an_empty_semantic_memory(tmp_path):
+    stage1 = HMSTLanguageModel(**SMALL)
+    stage1.semantic.add(torch.randn(3, 16), torch.randn(3, 16), ["a", "b", "c"])
+    ckpt = {"state_dict": stage1.state_dict(), "hyper_parameters": dict(stage1.hparams)}
+    stage1.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "s1.ckpt")
+    same = HMSTLanguageModel(**SMALL, init_checkpoint=str(tmp_path / "s1.ckpt"))
+    other = HMSTLanguageModel(**SMALL, mem_value="next_token", init_checkpoint=str(tmp_path / "s1.ckpt"))
+    assert len(same.semantic) == 3 and len(other.semantic) == 0

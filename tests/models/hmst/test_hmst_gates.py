@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from memlm.core.errors import MemLMError
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel
 from memlm.lightning_modules.language_model import OptimizerConfig
 
@@ -145,3 +146,49 @@ def test_expert_bias_gate_moves_routing_to_the_chosen_expert(module):
     out, _ = run(module, decision=d)
     # load is averaged over all 4 layers, 2 of them biased: expert 3's share must rise clearly
     assert float(out.metrics["expert_load_3"]) > float(base.metrics["expert_load_3"]) + 0.1
+
+
+def test_windowed_keys_are_the_causal_mean_of_exit_states_across_segments_and_steps():
+    """mem_key_window: the retrieval key of token t is the mean of the exit-layer states of
+    tokens t-w+1..t of the stream, whether it comes in one call, in carried chunks or one token
+    at a time with a KV cache; a reset row starts its window afresh."""
+    from memlm.lightning_modules.hmst.module import HMSTLanguageModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=8, d_ff=8, n_experts=2, top_k=1, exit_layer=1,
+               ssm_d_state=2, ssm_expand=1, controller_hidden=4, critic_d_model=4, critic_layers=1, critic_heads=2)
+    plain = HMSTLanguageModel(**cfg).eval()
+    windowed = HMSTLanguageModel(**cfg, mem_key_window=3).eval()
+    windowed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 32, (2, 20))
+
+    def run(m, cuts, cache=False, reset_at=None):
+        state, keys = (m.model.init_state(2, "cpu", use_cache=True) if cache else None), []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if reset_at == a:
+                state = m.reset_rows(state, torch.tensor([True, False]))
+            out = m.model(x[:, a:b], state, use_cache=cache)
+            state, keys = out.state, keys + [out.mem_keys]
+        return torch.cat(keys, 1)
+
+    def window_mean(h, starts=(0,)):
+        out = []
+        for t in range(h.size(1)):
+            lo = max([t - 2] + [s for s in starts if s <= t])
+            out.append(h[:, lo:t + 1].mean(1))
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        for cuts, cache in (([0, 20], False), ([0, 5, 12, 20], False), (list(range(7)), True)):
+            torch.testing.assert_close(run(windowed, cuts, cache), window_mean(run(plain, cuts, cache)), rtol=1e-5, atol=1e-6)
+        cuts = [0, 5, 12, 20]
+        got = run(windowed, cuts, reset_at=5)
+        h = run(plain, cuts, reset_at=5)
+        torch.testing.assert_close(got[0], window_mean(h[:1], starts=(0, 5))[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], window_mean(h[1:])[0], rtol=1e-5, atol=1e-6)
+        # the carried window survives a checkpoint of the stream state
+        state = windowed.model(x[:, :5]).state
+        back = windowed.state_from_dict(windowed.state_to_dict(state))
+        torch.testing.assert_close(windowed.model(x[:, 5:12], back).mem_keys, windowed.model(x[:, 5:12], state).mem_keys)
+    with pytest.raises(MemLMError, match="mem_key_window must be an integer >= 1"):
+        HMSTLanguageModel(**cfg, mem_key_window=0)
