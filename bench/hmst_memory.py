@@ -43,6 +43,9 @@ MICRO = dict(block_size=128, n_layer=4, n_head=4, d_model=128, d_ff=192, n_exper
              ssm_d_state=8, ssm_expand=1, mem_top_k=4, mem_query_stride=4, mem_index_type="flat", mem_max_items=8192,
              mem_write_stride=8, episodic_capacity=512, controller_hidden=64, critic_d_model=64, critic_layers=1,
              critic_heads=4, critic_max_len=96)
+# stage 2 reads its memory as a kNN-LM: items valued by the next token's embedding, every token
+# of an ingested fact written, a query at every token (docs/hmst.md "What a memory item holds")
+STAGE2 = dict(mem_value="next_token", mem_query_stride=1, mem_ingest_stride=1)
 ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
 LN2 = math.log(2.0)
 
@@ -58,7 +61,7 @@ def build(vocab: int, batch: int, steps: int, **extra):
     from memlm.lightning_modules.hmst.module import HMSTLanguageModel
     from memlm.lightning_modules.language_model import OptimizerConfig
 
-    return HMSTLanguageModel(vocab_size=vocab, **MICRO, **extra,
+    return HMSTLanguageModel(vocab_size=vocab, **{**MICRO, **extra},
                              optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=max(1, steps // 10)))
 
 
@@ -126,29 +129,34 @@ def consolidation_em(m, n_rows: int, seed: int):
     T = m.config.block_size
     saved = m.mem_write
     m.mem_write = False  # only the episodic store sees the stream
+    # the store holds only these facts' episodes (training's own episodes are not candidates)
+    m.episodic.clear()
     m.eval_schedule = ALL_ON
     with torch.no_grad():
         state = None
         for f in facts:
             ids = tok.encode(f.text + " ")
-            x = torch.tensor([(ids * (T // len(ids) + 1))[:T]])
+            row = (ids * (T // len(ids) + 2))[: T + 1]
+            x, y = torch.tensor([row[:T]]), torch.tensor([row[1:]])
             out = m(x, state=state)
             state = out.state
-            m._write_memories(x, out, torch.roll(x, -1, 1))
+            m._write_memories(x, out, y)
     m.mem_write = saved
 
     def ask():
         right = 0
         with torch.no_grad():
             for f in facts:
-                q, a = tok.encode(f.question), tok.encode(" " + f.answer + ".")
+                q, a = tok.encode(f.prompt()), tok.encode(" " + f.answer + ".")
                 x = torch.tensor([q + a[:-1]])
                 pred = m(x).logits[0, len(q) - 1:].argmax(-1)
                 right += int(torch.equal(pred, torch.tensor(a)))
         return right / len(facts)
 
     before = ask()
-    cb = MemoryConsolidation(capacity=256, merge_threshold=0.98)
+    # replay: the chosen episodes' tokens are written back as token-level items (a centroid of
+    # pooled states cannot name an answer); the stage-2 configs consolidate the same way
+    cb = MemoryConsolidation(capacity=256, merge_threshold=0.98, replay=True)
     cb.consolidate(m)
     after = ask()
     return before, after, cb.last
@@ -202,7 +210,7 @@ def main(argv=None) -> None:
     from memlm.lightning_modules.hmst.module import HMSTLanguageModel
 
     s1 = HMSTLanguageModel(vocab_size=text.vocab_size, **MICRO, init_checkpoint=stage1_path)
-    s2 = build(text.vocab_size, batch, s2_steps, init_checkpoint=stage1_path, base_lr_scale=0.1)
+    s2 = build(text.vocab_size, batch, s2_steps, init_checkpoint=stage1_path, base_lr_scale=0.1, **STAGE2)
     tr = trainer(s2_steps)
     tr.fit(s2, datamodule=dm)
     t_s2 = time.time() - t0 - t_s1

@@ -9,7 +9,11 @@ plain ``SemanticMemory.add``: the replicated semantic memories stay identical wi
 collective. Importance weights, merge threshold and capacity are config (see that module).
 
 An episode's key is the model's exit-layer norm of its pooled state (the space the semantic
-queries live in); its value the same vector. The consolidator's state (ids, centroids,
+queries live in); its value the same vector. With ``replay: true`` every new cluster's
+episodes are also replayed: their stored tokens run through the model (a fresh stream, no
+gradient, evaluation gates) and every token becomes an item as ``ingest`` would write it
+(the module's ``mem_value``), so a name said once in the stream can be read back later. Every
+rank replays the same gathered tokens through the same weights: the items agree. The consolidator's state (ids, centroids,
 importance, provenance, per-rank watermarks) is saved in the checkpoint under this callback.
 """
 from __future__ import annotations
@@ -27,6 +31,10 @@ def gather_episodes(store, rank: int = 0) -> dict[str, torch.Tensor]:
     n = len(store)
     local = {"pooled": store.pooled.float(), "surprise": store.surprise.float(), "hits": store.hits.float(),
              "step": store.step, "span": store.span, "n": torch.tensor([n], device=store.pooled.device)}
+    fields = ["pooled", "surprise", "hits", "step", "span"]
+    if getattr(store, "tokens", None) is not None:
+        local["tokens"] = store.tokens
+        fields.append("tokens")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         parts = [{k: v.cpu() for k, v in local.items()}]
         ranks = [rank]
@@ -39,23 +47,44 @@ def gather_episodes(store, rank: int = 0) -> dict[str, torch.Tensor]:
             for r in range(world):
                 parts[r][k] = bufs[r].cpu()
         ranks = list(range(world))
-    out: dict[str, list] = {k: [] for k in ("pooled", "surprise", "hits", "step", "span", "rank")}
+    out: dict[str, list] = {k: [] for k in fields + ["rank"]}
     for r, p in zip(ranks, parts):
         m = int(p["n"][0])
-        for k in ("pooled", "surprise", "hits", "step", "span"):
+        for k in fields:
             out[k].append(p[k][:m])
         out["rank"].append(torch.full((m,), r, dtype=torch.long))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def replay_episodes(pl_module, tokens: torch.Tensor):
+    """(keys, values, texts) of every token of these episodes (``tokens`` [n, L], -1 padded; the
+    last column is the token after the segment), each row run as a fresh stream."""
+    tokens = tokens.to(pl_module.device)
+    x, nxt = tokens[:, :-1], tokens[:, 1:]
+    valid = (x >= 0).all(1)  # an episode stored without tokens has none to replay
+    x, nxt = x[valid], nxt[valid]
+    if x.size(0) == 0:
+        d = pl_module.config.d_model
+        return torch.zeros(0, d), torch.zeros(0, pl_module.semantic.value_dim), []
+    was = pl_module.training
+    pl_module.eval()
+    try:
+        out = pl_module(x)
+        keys, values, texts = pl_module._memory_items(x, out, 1, next_ids=nxt)
+    finally:
+        pl_module.train(was)
+    return keys.float().cpu(), values.float().cpu(), texts
+
+
 class MemoryConsolidation(L.Callback):
     def __init__(self, capacity: int = 1024, every_n_steps: int | None = None, at_epoch_end: bool = True,
                  merge_threshold: float = 0.95, w_surprise: float = 1.0, w_frequency: float = 1.0,
-                 w_novelty: float = 1.0) -> None:
+                 w_novelty: float = 1.0, replay: bool = False) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise MemLMError(f"MemoryConsolidation every_n_steps must be >= 1 (or null), got {every_n_steps}")
         self.consolidator = Consolidator(capacity, merge_threshold, w_surprise, w_frequency, w_novelty)
-        self.every_n_steps, self.at_epoch_end = every_n_steps, at_epoch_end
+        self.every_n_steps, self.at_epoch_end, self.replay = every_n_steps, at_epoch_end, bool(replay)
         self.last = {}
 
     @torch.no_grad()
@@ -68,8 +97,13 @@ class MemoryConsolidation(L.Callback):
         ep = gather_episodes(pl_module.episodic, rank)
         norm = pl_module.model.exit_norm
         keys = norm(ep["pooled"].to(norm.weight.device, norm.weight.dtype)).float().cpu()
+        replay = None
+        if self.replay:
+            if "tokens" not in ep:
+                raise MemLMError("MemoryConsolidation replay needs episodes that keep their tokens (an HMST episodic store)")
+            replay = lambda idx: replay_episodes(pl_module, ep["tokens"][idx])  # noqa: E731
         self.last = self.consolidator.run(pl_module.semantic, keys, keys, ep["surprise"], ep["hits"], ep["rank"],
-                                          ep["step"], ep["span"])
+                                          ep["step"], ep["span"], replay=replay)
         return self.last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -8,6 +8,8 @@ shape, given as ``state_dim`` = an int or a shape tuple); ``state_dim=None`` kee
 keeps none: its SSM state already travels exactly from segment to segment in the carried
 stream state (and the checkpoint), nothing resumes a stream from an older episode, and a
 stored copy cost ``d_inner x d_state`` floats per entry that no read ever used.
+With ``token_len > 0`` each entry also keeps the segment's token ids (``tokens``, -1 padded):
+what consolidation replays to write the episode's content into semantic memory.
 When full, the oldest entry is overwritten. Everything is a preallocated tensor on one
 device (``.to(device)`` moves it), writes are detached ``index_copy_`` calls, and retrieval is
 one cosine-similarity matmul plus ``topk``; nothing loops over entries in Python.
@@ -29,7 +31,8 @@ from memlm.core.errors import MemLMError
 class EpisodicStore:
     """Ring buffer of (ssm_state, pooled, span). See the module docstring."""
 
-    def __init__(self, capacity: int, state_dim: int | Sequence[int] | None, hidden_dim: int, device="cpu", dtype=torch.float32):
+    def __init__(self, capacity: int, state_dim: int | Sequence[int] | None, hidden_dim: int, device="cpu", dtype=torch.float32,
+                 token_len: int = 0):
         if capacity <= 0:
             raise MemLMError(f"episodic store capacity must be positive, got {capacity}")
         self.capacity = int(capacity)
@@ -39,6 +42,9 @@ class EpisodicStore:
             self.state_shape = (int(state_dim),) if isinstance(state_dim, int) else tuple(int(s) for s in state_dim)
         self.state_dim = state_dim
         self.hidden_dim = int(hidden_dim)
+        if token_len < 0:
+            raise MemLMError(f"episodic token_len must be >= 0, got {token_len}")
+        self.token_len = int(token_len)
         self.device = torch.device(device)
         self.dtype = dtype
         self.clear()
@@ -51,11 +57,12 @@ class EpisodicStore:
         self.pooled = torch.zeros((cap, self.hidden_dim), dtype=self.dtype, device=dev)
         self.span = torch.zeros((cap, 2), dtype=torch.long, device=dev)
         self.step = torch.full((cap,), -1, dtype=torch.long, device=dev)  # global write counter per slot
+        self.tokens = torch.full((cap, self.token_len), -1, dtype=torch.long, device=dev) if self.token_len else None
         self._written = 0  # total entries ever written
 
     def to(self, device) -> "EpisodicStore":
         self.device = torch.device(device)
-        for name in ("ssm_state", "pooled", "span", "step", "surprise", "hits"):
+        for name in ("ssm_state", "pooled", "span", "step", "surprise", "hits", "tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(self.device))
         return self
@@ -77,8 +84,11 @@ class EpisodicStore:
         slots = self.add_batch(None if ssm_state is None else ssm_state.unsqueeze(0), pooled.unsqueeze(0), [tuple(span)])
         return int(slots[-1])
 
-    def add_batch(self, ssm_states: torch.Tensor | None, pooled: torch.Tensor, spans, surprise=None) -> torch.Tensor:
+    def add_batch(self, ssm_states: torch.Tensor | None, pooled: torch.Tensor, spans, surprise=None,
+                  tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Write N entries in order (the last one is the newest); returns their slots [N].
+
+        ``tokens`` [N, L] (kept only when the store has ``token_len``; cut or -1 padded to it).
 
         ``ssm_states``: [N, *state_shape] (or [N, prod(state_shape)]); ``pooled``: [N, hidden_dim];
         ``spans``: LongTensor [N, 2] or a list of (start, end). If N > capacity only the last
@@ -107,6 +117,12 @@ class EpisodicStore:
         self.pooled.index_copy_(0, idx, pooled[keep].detach().to(self.device, self.dtype))
         self.span.index_copy_(0, idx, spans[keep])
         self.step.index_copy_(0, idx, steps[keep])
+        if self.tokens is not None:
+            tok = torch.full((n, self.token_len), -1, dtype=torch.long, device=self.device)
+            if tokens is not None:
+                t = torch.as_tensor(tokens).reshape(n, -1)[:, : self.token_len].to(self.device, torch.long)
+                tok[:, : t.size(1)] = t
+            self.tokens.index_copy_(0, idx, tok[keep])
         self._written += n
         return slots
 
@@ -143,6 +159,8 @@ class EpisodicStore:
                "surprise": self.surprise[idx], "hits": self.hits[idx]}
         if self.ssm_state is not None:
             out["ssm_state"] = self.ssm_state[idx]
+        if self.tokens is not None:
+            out["tokens"] = self.tokens[idx]
         return out
 
     def latest(self, n: int = 1) -> torch.Tensor:
@@ -163,6 +181,8 @@ class EpisodicStore:
         }
         if self.ssm_state is not None:
             out["ssm_state"] = self.ssm_state.detach().cpu().clone()
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.cpu().clone()
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -183,3 +203,7 @@ class EpisodicStore:
         self.span = state["span"].to(self.device, torch.long).clone()
         self.step = state["step"].to(self.device, torch.long).clone()
         self._written = int(state["written"])
+        if self.tokens is not None:  # a store saved without tokens (or with other lengths): none kept
+            saved = state.get("tokens")
+            ok = saved is not None and tuple(saved.shape) == tuple(self.tokens.shape)
+            self.tokens = saved.to(self.device, torch.long).clone() if ok else torch.full_like(self.tokens, -1)

@@ -24,7 +24,8 @@ SMALL = dict(vocab_size=259, block_size=16, n_layer=2, n_head=2, d_model=16, d_f
 def fill(module, seed, n=6):
     g = torch.Generator().manual_seed(seed)
     pooled = torch.randn(n, 16, generator=g)
-    module.episodic.add_batch(None, pooled, [(16 * i, 16 * i + 16) for i in range(n)], torch.rand(n, generator=g))
+    tokens = torch.randint(0, 259, (n, 17), generator=g)
+    module.episodic.add_batch(None, pooled, [(16 * i, 16 * i + 16) for i in range(n)], torch.rand(n, generator=g), tokens=tokens)
 
 
 def test_episodes_become_semantic_items_and_the_state_persists():
@@ -61,7 +62,7 @@ rank = dist.get_rank()
 torch.manual_seed(0)
 m = HMSTLanguageModel(**SMALL)
 fill(m, 10 + rank)  # every rank holds different episodes
-cb = MemoryConsolidation(capacity=5, merge_threshold=0.9)
+cb = MemoryConsolidation(capacity=5, merge_threshold=0.9, replay=True)  # replayed tokens must agree too
 cb.consolidate(m)
 sd = m.semantic.state_dict()
 digest = hashlib.sha256()
@@ -88,7 +89,7 @@ def test_ddp_ranks_end_identical(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     import json
     r0, r1 = (json.loads((tmp_path / f"rank{r}.txt").read_text()) for r in range(2))
-    assert r0 == r1 and r0["n"] == 5
+    assert r0 == r1 and r0["n"] == 5 + 5 * 16  # 5 centroids, each with its episode's 16 replayed tokens
     assert r0["ranks"] == [0, 1]  # the survivors came from both ranks' episodes
 
 
@@ -108,3 +109,38 @@ def test_an_ingested_fact_changes_the_prediction_only_through_the_semantic_read(
     assert (after.retrieved_ids >= 0).any()
     assert not torch.allclose(before, after.logits[0, -1], atol=1e-4)
     assert torch.allclose(before, off, atol=1e-6)  # semantic gate off: the ingested fact is never read
+
+
+def test_a_fact_streamed_once_is_read_back_after_a_replaying_consolidation():
+    """A fact seen only in the stream (episodes written, nothing ingested) reaches semantic
+    memory through replay: a fresh prompt of the same words retrieves, at its last token, the
+    item whose value is the next token of the fact; without replay only a centroid arrives."""
+    torch.manual_seed(0)
+    tok = build_tokenizer("byte")
+    m = HMSTLanguageModel(**SMALL, mem_value="next_token", mem_query_stride=1).eval()
+    m.tokenizer = tok
+    m.mem_write = False  # the stream writes episodes only
+    ids = tok.encode("The capital of Zorbia is Quelt.")
+    x, after = torch.tensor([ids[:16]]), torch.tensor([ids[1:17]])
+    with torch.no_grad():
+        out = m(x)
+    m._write_memories(x, out, after)
+    assert len(m.semantic) == 0
+    assert MemoryConsolidation(capacity=4).consolidate(m)["replayed"] == 0 and len(m.semantic) == 1
+    m.semantic.clear()
+    m.episodic.clear()
+    m._write_memories(x, out, after)
+    cb = MemoryConsolidation(capacity=4, replay=True)
+    res = cb.consolidate(m)
+    assert res["written"] == 1 and res["replayed"] == 16 and len(m.semantic) == 17
+    prompt = torch.tensor([ids[:10]])  # a fresh context ending where the fact continues with ids[10]
+    with torch.no_grad():
+        got = m(prompt).retrieved_ids[0, -1, 0]
+    value, found = m.semantic.get_values(got.view(1))
+    assert found.all() and torch.allclose(value[0], m.model.wte.weight[ids[10]].detach(), atol=1e-6)
+    assert m.semantic.get_texts(got.view(1))[0].endswith(tok.decode(ids[:11]))
+    # evicting the cluster removes its replayed items with it
+    cb.consolidator.capacity = 1
+    m.episodic.add_batch(None, 5 * torch.randn(1, 16), [(16, 32)], torch.tensor([100.0]), tokens=torch.tensor([ids[1:18]]))
+    res = cb.consolidate(m)
+    assert res["evicted"] == 1 and len(m.semantic) == 1 + 16 and len(cb.consolidator.replayed[0]) == 16

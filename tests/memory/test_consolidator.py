@@ -27,7 +27,7 @@ def test_near_duplicates_merge_into_a_centroid_with_provenance():
     sem = SemanticMemory(D, D)
     c = Consolidator(capacity=10, merge_threshold=0.95)
     res = run(c, sem, episodes(torch.cat([base, dup[None]])))
-    assert res == {"candidates": 4, "written": 3, "merged": 1, "evicted": 0}
+    assert res == {"candidates": 4, "written": 3, "merged": 1, "evicted": 0, "replayed": 0}
     assert len(sem) == 3
     merged = [i for i, p in enumerate(c.provenance) if len(p) == 2][0]
     assert sorted(p[1] for p in c.provenance[merged]) == [0, 3]  # steps of both source episodes
