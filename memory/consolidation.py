@@ -142,13 +142,16 @@ class Consolidator:
         if gone.numel():
             semantic.remove(gone)
         texts = [json.dumps({"consolidated": p}) for p, ok in zip(new_prov, new_ok.tolist()) if ok]
-        added = semantic.add(new_keys[new_ok], new_vals[new_ok], texts) if bool(new_ok.any()) else torch.zeros(0, dtype=torch.long)
+        # pinned: the store's own max_items eviction never takes consolidated items; this
+        # consolidator's capacity (above) decides what leaves
+        added = (semantic.add(new_keys[new_ok], new_vals[new_ok], texts, pinned=True) if bool(new_ok.any())
+                 else torch.zeros(0, dtype=torch.long))
         n_replayed = 0
         if replay is not None:
             for c in torch.nonzero(new_ok).squeeze(1).tolist():
                 rk, rv, rt = replay(cand[clusters[c]])
                 if rk.size(0):
-                    new_rep[c] = new_rep[c] + semantic.add(rk.float(), rv.float(), rt).cpu().long().tolist()
+                    new_rep[c] = new_rep[c] + semantic.add(rk.float(), rv.float(), rt, pinned=True).cpu().long().tolist()
                     n_replayed += int(rk.size(0))
         kept = old_idx[survive[:n_old]]
         self.ids = torch.cat([self.ids[kept], added.cpu().long()])

@@ -210,6 +210,9 @@ class SemanticMemory:
         # ivfpq with rerank: exact keys (float16) beside the PQ codes, aligned with the rows
         self._keys = _Buffer((self.dim,), torch.float16) if self.rerank else None
         self._alive = _Buffer((), torch.bool)
+        # pinned rows (consolidated items) are never evicted by max_items: their owner (the
+        # consolidator, with its own capacity) removes them
+        self._pinned = _Buffer((), torch.bool)
         self._texts: list[str | None] = []
         self._n_alive = 0
         # ivfpq before training: exact keys of not-yet-indexed items
@@ -263,8 +266,10 @@ class SemanticMemory:
             self._index.add_with_ids(keys, ids)
 
     # ------------------------------------------------------------------ write
-    def add(self, keys: torch.Tensor, values: torch.Tensor, texts: Sequence[str | None] | None = None) -> torch.Tensor:
-        """Store N items; returns their new ids (LongTensor[N], on CPU)."""
+    def add(self, keys: torch.Tensor, values: torch.Tensor, texts: Sequence[str | None] | None = None,
+            pinned: bool = False) -> torch.Tensor:
+        """Store N items; returns their new ids (LongTensor[N], on CPU). ``pinned`` items are
+        exempt from ``max_items`` eviction (only :meth:`remove` deletes them)."""
         k = self._prep_keys(keys, "keys")
         n = k.shape[0]
         if values.dim() != 2 or values.shape != (n, self.value_dim):
@@ -287,6 +292,7 @@ class SemanticMemory:
         if self._keys is not None:
             self._keys.append(k.half())
         self._alive.append(torch.ones(keep, dtype=torch.bool))
+        self._pinned.append(torch.full((keep,), bool(pinned), dtype=torch.bool))
         self._texts.extend(t)
         self._n_alive += keep
 
@@ -299,8 +305,8 @@ class SemanticMemory:
             self._faiss_add(k.numpy(), kept_ids.numpy())
 
         if self.max_items is not None and self._n_alive > self.max_items:
-            alive_rows = torch.nonzero(self._alive.view()).squeeze(1)
-            self.remove(self._ids.view()[alive_rows[: self._n_alive - self.max_items]])
+            rows = torch.nonzero(self._alive.view() & ~self._pinned.view()).squeeze(1)  # oldest unpinned first
+            self.remove(self._ids.view()[rows[: self._n_alive - self.max_items]])
         return ids
 
     def _train_ivfpq(self) -> None:
@@ -401,6 +407,7 @@ class SemanticMemory:
         if self._keys is not None:
             self._keys.replace(self._keys.view()[keep])
         self._alive.replace(torch.ones(int(keep.sum()), dtype=torch.bool))
+        self._pinned.replace(self._pinned.view()[keep])
         self._texts = [self._texts[i] for i in idx]
 
     def _rebuild_hnsw(self) -> None:
@@ -530,6 +537,7 @@ class SemanticMemory:
             "values": self._values.view()[alive].clone(),
             "keys": self._keys.view()[alive].clone() if self._keys is not None else torch.empty(0),
             "texts": json.dumps([self._texts[i] for i in idx]),
+            "pinned": self._pinned.view()[alive].clone(),
             "next_id": torch.tensor(self._next_id, dtype=torch.long),
             "pending_keys": self._pending_keys.view().clone(),
             "pending_ids": self._pending_ids.view().clone(),
@@ -567,6 +575,9 @@ class SemanticMemory:
                 raise MemLMError("semantic memory checkpoint has no re-ranking keys; load it with rerank=0")
             self._keys.replace(keys.to("cpu", torch.float16))
         self._alive.replace(torch.ones(ids.numel(), dtype=torch.bool))
+        pinned = state.get("pinned")  # absent from checkpoints before pinning: nothing pinned
+        ok = pinned is not None and pinned.numel() == ids.numel()
+        self._pinned.replace(pinned.to("cpu", torch.bool) if ok else torch.zeros(ids.numel(), dtype=torch.bool))
         self._texts = texts
         self._n_alive = ids.numel()
         self._next_id = int(state["next_id"])

@@ -286,3 +286,17 @@ def test_small_searches_restore_thread_counts():
     mem.search(torch.randn(1, 32), 3)  # single-threaded path for both libraries
     mem.search(torch.randn(64, 32), 3)
     assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
+
+
+def test_pinned_items_survive_max_items_eviction_and_a_checkpoint():
+    torch.manual_seed(0)
+    mem = SemanticMemory(8, 4, max_items=6)
+    pinned = mem.add(torch.randn(2, 8), torch.randn(2, 4), ["p0", "p1"], pinned=True)
+    for _ in range(5):  # 20 more items through a store of 6: only unpinned ones are evicted
+        mem.add(torch.randn(4, 8), torch.randn(4, 4))
+    assert len(mem) == 6 and mem.get_texts(pinned) == ["p0", "p1"]
+    back = SemanticMemory(8, 4, max_items=6)
+    back.load_state_dict(mem.state_dict())
+    back.add(torch.randn(6, 8), torch.randn(6, 4))
+    assert back.get_texts(pinned) == ["p0", "p1"] and len(back) == 6
+    assert back.remove(pinned) == 2 and len(back) == 4  # removing them by id still works
