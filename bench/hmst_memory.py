@@ -43,9 +43,11 @@ MICRO = dict(block_size=128, n_layer=4, n_head=4, d_model=128, d_ff=192, n_exper
              ssm_d_state=8, ssm_expand=1, mem_top_k=4, mem_query_stride=4, mem_index_type="flat", mem_max_items=8192,
              mem_write_stride=8, episodic_capacity=512, controller_hidden=64, critic_d_model=64, critic_layers=1,
              critic_heads=4, critic_max_len=96)
-# stage 2 reads its memory as a kNN-LM: items valued by the next token's embedding, every token
-# of an ingested fact written, a query at every token (docs/hmst.md "What a memory item holds")
-STAGE2 = dict(mem_value="next_token", mem_query_stride=1, mem_ingest_stride=1)
+# stage 2 reads its memory as a kNN-LM (docs/hmst.md "What a memory item holds"): items valued
+# by the next token's embedding, keyed by the mean exit state of the last 3 tokens, every token
+# written and queried, the retrieval score as a bias on the reader (the configs/hmst_*_stage2.yaml values)
+STAGE2 = dict(mem_value="next_token", mem_query_stride=1, mem_ingest_stride=1, mem_write_stride=1, mem_key_window=3,
+              mem_score_bias=8.0)
 ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
 LN2 = math.log(2.0)
 
@@ -181,8 +183,8 @@ def main(argv=None) -> None:
     from memlm.datamodules.hmst_stage2 import HMSTStage2DataModule
     from memlm.datamodules.text import TextDataModule
 
-    s1_steps = a.stage1_steps or (40 if a.quick else 300)
-    s2_steps = a.stage2_steps or (40 if a.quick else 200)
+    s1_steps = a.stage1_steps or (40 if a.quick else 600)
+    s2_steps = a.stage2_steps or (40 if a.quick else 400)
     batch = 8 if a.quick else 16
     val_rows = 16 if a.quick else 48
     work = Path(a.workdir)

@@ -42,6 +42,13 @@ def load_stage_checkpoint(module, path: str | None, stage: str) -> None:
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise MemLMError(f"{path} does not fit this {stage} config ({detail}); use the model sizes it was trained "
                          "with") from None
+    # the semantic items were written under these settings; read otherwise they mean something else
+    hp = ckpt.get("hyper_parameters") or {}
+    for key, default in (("mem_value", "hidden"), ("mem_key_window", 1)):
+        was, now = hp.get(key, default), module.hparams.get(key, default)
+        if was != now:
+            raise MemLMError(f"{path} was trained with model.{key}={was}, this {stage} config has {now}; "
+                                 f"set model.{key}: {was} (its memory items were written that way)")
     module.on_load_checkpoint(ckpt)
 
 

@@ -129,3 +129,13 @@ def test_stage3_checkpoint_errors(tmp_path):
     torch.save(wrong, tmp_path / "gpt.ckpt")
     with pytest.raises(MemLMError, match="TransformerLM"):
         load_stage_checkpoint(m, str(tmp_path / "gpt.ckpt"), "stage 3")
+
+
+def test_stage3_refuses_a_checkpoint_whose_memory_items_mean_something_else(tmp_path):
+    s2 = module(mem_value="next_token", mem_key_window=3)
+    ckpt = {"state_dict": s2.state_dict(), "hyper_parameters": dict(s2.hparams)}
+    s2.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "s2.ckpt")
+    with pytest.raises(MemLMError, match="trained with model.mem_value=next_token.*set model.mem_value: next_token"):
+        load_stage_checkpoint(module(), str(tmp_path / "s2.ckpt"), "stage 3")
+    load_stage_checkpoint(module(mem_value="next_token", mem_key_window=3), str(tmp_path / "s2.ckpt"), "stage 3")
