@@ -48,18 +48,24 @@ BLOCK = 128
 
 
 def qa_line(f, d) -> str:
-    return f"{f.text} {d.text} Q: {f.question} A: {f.value}\n"
+    return f"{prompt_of(f, d)} {f.value}\n"
 
 
 def prompt_of(f, d) -> str:
-    return f"{f.text} {d.text} Q: {f.question} A:"
+    # the answer is asked in cloze form ("A: The capital of Zorbia is"), as in stage 2
+    return f"{f.text} {d.text} Q: {f.question} A: {f.cloze}"
 
 
 def build(tok, seed: int) -> HMSTLanguageModel:
     torch.manual_seed(seed)
     m = HMSTLanguageModel(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=4, n_head=4, d_model=96, d_ff=128,
-                          n_experts=4, top_k=2, exit_layer=2, ssm_d_state=8, ssm_expand=1, mem_top_k=2,
-                          mem_query_stride=8, mem_write=False, mem_write_stride=16, mem_text_tokens=48,
+                          n_experts=4, top_k=2, exit_layer=2, ssm_d_state=8, ssm_expand=1, mem_top_k=4,
+                          # the stage-2 kNN-LM memory (docs/hmst.md): training rows are written at
+                          # every token, so a fact seen in an earlier batch can be read back; the
+                          # key window is 10 characters (about 3 BPE tokens: this bench is char-level)
+                          mem_value="next_token", mem_key_window=10, mem_score_bias=8.0, mem_query_stride=1,
+                          mem_write=True, mem_write_stride=1, mem_ingest_stride=1, mem_max_items=8192,
+                          mem_text_tokens=48,
                           episodic_capacity=64, controller_hidden=32, critic_d_model=64, critic_layers=2,
                           critic_heads=4, critic_max_len=192,
                           optimizer={"learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1})
@@ -199,11 +205,8 @@ def main() -> int:
     # evaluation: held-out facts in semantic memory, questions through the engine
     for m in [*models.values(), crit, base]:
         m.eval()
-        for f in eval_facts:
-            # one item per fact: with the default stride the item texts end at every
-            # mem_write_stride-th token, so a fact's tail (its value) is dropped unless its
-            # length is a multiple of the stride
-            m.ingest(f.text, stride=len(tok.encode(f.text)))
+        for f in eval_facts:  # every token of the fact, as the engine's /ingest does
+            m.ingest(f.text)
     never = dict(verify="never", max_new_tokens=12, threshold=args.threshold)
     rows = {
         "all_on": evaluate(base, eval_facts, EngineConfig(gate_mode="all_on", **never), show=5),
