@@ -183,8 +183,8 @@ def main(argv=None) -> None:
     from memlm.datamodules.hmst_stage2 import HMSTStage2DataModule
     from memlm.datamodules.text import TextDataModule
 
-    s1_steps = a.stage1_steps or (40 if a.quick else 600)
-    s2_steps = a.stage2_steps or (40 if a.quick else 400)
+    s1_steps = a.stage1_steps or (200 if a.quick else 600)
+    s2_steps = a.stage2_steps or (200 if a.quick else 400)
     batch = 8 if a.quick else 16
     val_rows = 16 if a.quick else 48
     work = Path(a.workdir)
