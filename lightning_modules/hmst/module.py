@@ -304,10 +304,11 @@ class HMSTLanguageModel(LanguageModel):
             return keys, values, self._segment_texts(x[rows], pos.cpu())
         if next_ids is None:
             next_ids = torch.cat([x[:, 1:], x.new_full((x.size(0), 1), -1)], 1)
-        nxt = next_ids.to(x.device)[rows][:, pos].reshape(-1)
+        next_rows = next_ids.to(x.device)[rows]
+        nxt = next_rows[:, pos].reshape(-1)
         ok = nxt >= 0
         values = self.model.wte(nxt.clamp_min(0)).detach()
-        ext = torch.cat([x[rows], nxt.view(rows.numel(), -1)[:, -1:].clamp_min(0)], 1)  # the last successor appended
+        ext = torch.cat([x[rows], next_rows[:, -1:].clamp_min(0)], 1)  # the successor of the last token appended
         texts = self._segment_texts(ext, pos.cpu(), shift=1)
         if texts is not None:
             texts = [t for t, keep in zip(texts, ok.tolist()) if keep]

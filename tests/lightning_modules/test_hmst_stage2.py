@@ -124,3 +124,16 @@ def test_a_stage2_that_changes_mem_value_starts_with_an_empty_semantic_memory(tm
     same = HMSTLanguageModel(**SMALL, init_checkpoint=str(tmp_path / "s1.ckpt"))
     other = HMSTLanguageModel(**SMALL, mem_value="next_token", init_checkpoint=str(tmp_path / "s1.ckpt"))
     assert len(same.semantic) == 3 and len(other.semantic) == 0
+
+
+def test_next_token_items_of_a_batch_whose_rows_all_exited_are_none():
+    tok = build_tokenizer("byte")
+    m = HMSTLanguageModel(**{**SMALL, "vocab_size": tok.vocab_size}, mem_value="next_token").eval()
+    m.tokenizer = tok
+    x = torch.tensor([tok.encode("abcdefghijklmnop")] * 2)
+    m.eval_schedule = {**m.eval_schedule, "exit": 1.0}
+    with torch.no_grad():
+        out = m(x)
+    assert out.exit_rows.all()
+    k, v, texts = m._memory_items(x, out, 1)
+    assert k.size(0) == v.size(0) == len(texts) == 0
