@@ -13,8 +13,9 @@ queries live in); its value the same vector. With ``replay: true`` every new clu
 episodes are also replayed: their stored tokens run through the model (a fresh stream, no
 gradient, evaluation gates) and every token becomes an item as ``ingest`` would write it
 (the module's ``mem_value``), so a name said once in the stream can be read back later. Every
-rank replays the same gathered tokens through the same weights: the items agree. The consolidator's state (ids, centroids,
-importance, provenance, per-rank watermarks) is saved in the checkpoint under this callback.
+rank replays the same gathered tokens through the same weights: the items agree. The
+consolidator's state (ids, centroids, importance, provenance, per-rank watermarks, replayed
+ids) is saved in the checkpoint under this callback.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import lightning as L
 
 from memlm.core.checkpoint_io import read_checkpoint
 from memlm.core.errors import MemLMError
+from memlm.lightning_modules.hmst.stage2 import item_setting_changes
 from memlm.models.hmst.policy_gradient import RewardConfig, RLConfig
 
 
@@ -43,12 +44,11 @@ def load_stage_checkpoint(module, path: str | None, stage: str) -> None:
         raise MemLMError(f"{path} does not fit this {stage} config ({detail}); use the model sizes it was trained "
                          "with") from None
     # the semantic items were written under these settings; read otherwise they mean something else
-    hp = ckpt.get("hyper_parameters") or {}
-    for key, default in (("mem_value", "hidden"), ("mem_key_window", 1)):
-        was, now = hp.get(key, default), module.hparams.get(key, default)
-        if was != now:
-            raise MemLMError(f"{path} was trained with model.{key}={was}, this {stage} config has {now}; "
-                                 f"set model.{key}: {was} (its memory items were written that way)")
+    changes = item_setting_changes(ckpt.get("hyper_parameters"), module)
+    if changes:
+        key, was, now = changes[0]
+        raise MemLMError(f"{path} was trained with model.{key}={was}, this {stage} config has {now}; "
+                         f"set model.{key}: {was} (its memory items were written that way)")
     module.on_load_checkpoint(ckpt)
 
 

@@ -45,8 +45,8 @@ from memlm.memory.episodic import EpisodicStore
 from memlm.memory.semantic import SemanticMemory
 
 DEFAULT_TRAIN_SCHEDULE = {"exit": 0.05, "episodic": 0.9, "semantic": 0.9, "verify": 0.25, "expert_bias": 0.1}
-MEM_VALUES = ("hidden", "next_token")
 DEFAULT_EVAL_SCHEDULE = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
+MEM_VALUES = ("hidden", "next_token")
 
 
 class HMSTLanguageModel(LanguageModel):

@@ -24,6 +24,18 @@ MEMORY_PREFIXES = ("model.ssm.", "model.ssm_norms.", "model.ep_norm.", "model.ep
 HMST_CLASS = "memlm.lightning_modules.hmst.module.HMSTLanguageModel"
 
 
+# the settings a semantic item was written under (name, default): an item read under others
+# means something else (a hidden state taken for a token embedding, a 1-token key for a mean)
+ITEM_SETTINGS = (("mem_value", "hidden"), ("mem_key_window", 1))
+
+
+def item_setting_changes(saved_hparams: dict | None, module) -> list[tuple[str, object, object]]:
+    """(name, saved, now) for every item setting that differs between a checkpoint and ``module``."""
+    saved_hparams = saved_hparams or {}
+    return [(k, saved_hparams.get(k, d), module.hparams.get(k, d)) for k, d in ITEM_SETTINGS
+            if saved_hparams.get(k, d) != module.hparams.get(k, d)]
+
+
 def is_memory_param(name: str) -> bool:
     return name.startswith(MEMORY_PREFIXES)
 
@@ -48,11 +60,9 @@ def load_stage1(module, path: str | Path) -> None:
         raise MemLMError(f"{path} does not fit this stage-2 model ({what}); use the stage-1 config's model sizes")
     module.load_state_dict({k: state[k] for k in own}, strict=True)
     module.on_load_checkpoint({"memlm": ckpt["memlm"], "hmst_memory": ckpt.get("hmst_memory")})
-    # items whose values are of another kind (hidden states vs next-token embeddings) would
-    # be read as the wrong thing: a stage 2 that changes model.mem_value starts its semantic
-    # memory empty
-    was = (ckpt.get("hyper_parameters") or {}).get("mem_value", "hidden")
-    if was != module.mem_value and len(module.semantic):
+    # a stage 2 that changes how items are written (mem_value, mem_key_window) starts its
+    # semantic memory empty: the stage-1 items would be read as something they are not
+    if item_setting_changes(ckpt.get("hyper_parameters"), module) and len(module.semantic):
         module.semantic.clear()
 
 

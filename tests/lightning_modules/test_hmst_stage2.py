@@ -123,7 +123,8 @@ def test_a_stage2_that_changes_mem_value_starts_with_an_empty_semantic_memory(tm
     torch.save(ckpt, tmp_path / "s1.ckpt")
     same = HMSTLanguageModel(**SMALL, init_checkpoint=str(tmp_path / "s1.ckpt"))
     other = HMSTLanguageModel(**SMALL, mem_value="next_token", init_checkpoint=str(tmp_path / "s1.ckpt"))
-    assert len(same.semantic) == 3 and len(other.semantic) == 0
+    window = HMSTLanguageModel(**SMALL, mem_key_window=2, init_checkpoint=str(tmp_path / "s1.ckpt"))
+    assert len(same.semantic) == 3 and len(other.semantic) == 0 and len(window.semantic) == 0
 
 
 def test_next_token_items_of_a_batch_whose_rows_all_exited_are_none():
