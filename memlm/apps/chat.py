@@ -253,7 +253,7 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             if not args.prompt.strip():  # an empty prompt gets an empty reply
                 sys.stdout.write("\n")
-            elif getattr(backend, "template", "chat") == "none" and chat.memory is None:
+            elif getattr(backend, "template", "chat") == "none" and chat.memory is None and chat.engine is None:
                 pieces = []
                 for piece in backend.stream_prompt(args.prompt, max_tokens=args.max_new_tokens, temperature=args.temperature,
                                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed):

@@ -5,7 +5,9 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming SSE with
 ``"stream": true``), ``POST /v1/completions``, ``POST /v1/embeddings`` (``module.embed``),
-``GET /health``. Binds 127.0.0.1 unless ``--host`` says otherwise. With ``--api-key`` (or
+``GET /health``. An HMST checkpoint answers chat completions (streamed too) through
+:class:`~memlm.apps.hmst_engine.HMSTInferenceEngine` (memlm/apps/hmst_routes.py). Binds
+127.0.0.1 unless ``--host`` says otherwise. With ``--api-key`` (or
 ``MEMLM_API_KEY``) every /v1 request needs ``Authorization: Bearer KEY`` (else 401). Limits
 give OpenAI-style JSON errors: ``max_tokens`` above the cap or a prompt above
 ``--max-prompt-tokens`` -> 400, unknown model -> 404, body above ``--max-request-bytes`` -> 413.
@@ -168,9 +170,10 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None, obj="chat.completion.chunk") -> str:
+def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None, obj="chat.completion.chunk",
+           **extra) -> str:
     payload = {"id": cid, "object": obj, "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
     return f"data: {json.dumps(payload)}\n\n"
 
 
@@ -271,14 +274,29 @@ def create_app(state: ServerState):
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
+            def pieces_of(info: dict) -> Iterator[str]:
+                if state.engine is None:
+                    yield from backend.stream_prompt(prompt, info=info, **gen_kw)
+                    return
+                # HMST: the engine verifies a whole draft before it answers, so the answer is
+                # decided first and then sent; the decisions ride on the final chunk
+                from memlm.apps.hmst_routes import engine_reply
+
+                text, more, info["hmst"] = engine_reply(state.engine, backend.lock, prompt, user_text,
+                                                        params["max_tokens"], backend.count_tokens)
+                info.update(more)
+                if text:
+                    yield text
+
             def events() -> Iterator[str]:
                 info: dict = {}
                 pieces = []
                 yield _chunk(cid, created, state.model_name, {"role": "assistant", "content": ""}, None)
-                for piece in backend.stream_prompt(prompt, info=info, **gen_kw):
+                for piece in pieces_of(info):
                     pieces.append(piece)
                     yield _chunk(cid, created, state.model_name, {"content": piece}, None)
-                yield _chunk(cid, created, state.model_name, {}, info.get("finish_reason", "length"))
+                yield _chunk(cid, created, state.model_name, {}, info.get("finish_reason", "length"),
+                             **({"hmst": info["hmst"]} if "hmst" in info else {}))
                 if include_usage:
                     usage = {"prompt_tokens": info.get("prompt_tokens", n_prompt),
                              "completion_tokens": info.get("completion_tokens", 0)}

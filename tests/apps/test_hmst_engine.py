@@ -135,3 +135,23 @@ def test_chat_explain_prints_the_decisions_and_memory_commands(tmp_path):
     assert out.getvalue().count("#") >= 3
     with pytest.raises(MemLMError):
         chat.turn("/forget x")
+
+
+def test_chat_py_prompt_without_a_template_answers_through_the_engine(tmp_path, capsys):
+    """``chat.py --prompt ... --template none`` (the plain streaming path for other models) gives an
+    HMST checkpoint the engine's answer and, with --explain, its decisions."""
+    from memlm.apps.chat import main
+
+    m = hmst_module()
+    set_policy(m, verify=10.0)
+    set_critic(m, -5.0)  # rejects every draft: the engine abstains, the plain generator never would
+    ckpt = {"state_dict": m.state_dict(), "global_step": 0, "hyper_parameters": dict(m.hparams)}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "hmst.ckpt")
+    main(["--ckpt", str(tmp_path / "hmst.ckpt"), "--prompt", "What is the capital of Zorbia?", "--template", "none",
+          "--temperature", "0", "--max-new-tokens", "4", "--explain"])
+    out, err = capsys.readouterr()
+    res = HMSTInferenceEngine(m, EngineConfig(max_new_tokens=4)).answer("What is the capital of Zorbia?",
+                                                                        query="What is the capital of Zorbia?")
+    assert res.abstained and out.strip() == res.text.strip()
+    assert "[hmst] attempt 1: gates on:" in err and "critic" in err

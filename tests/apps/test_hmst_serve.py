@@ -58,6 +58,22 @@ def test_chat_completion_carries_the_engine_decisions(server):
     assert hmst["attempts"][0]["retrieved"] and {"id", "score", "text"} <= set(hmst["attempts"][0]["retrieved"][0])
 
 
+def test_streamed_chat_is_the_engine_answer_with_its_decisions_on_the_last_chunk(server):
+    """A streamed HMST chat goes through the engine as well: the streamed text is the engine's
+    (here its honest abstention) and the final chunk carries the same decisions object."""
+    client = openai.OpenAI(base_url=server, api_key=API_KEY, max_retries=0, timeout=120)
+    chunks = list(client.chat.completions.create(
+        model=client.models.list().data[0].id, max_tokens=4, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of Zorbia?"}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    carried = [c.model_extra["hmst"] for c in chunks if (c.model_extra or {}).get("hmst")]
+    assert len(carried) == 1 and chunks[-1].model_extra.get("hmst") == carried[0]
+    hmst = carried[0]
+    assert hmst["abstained"] is True and text == hmst["text"] and text.strip()
+    assert hmst["compute"]["counts"]["critic_calls"] == 2 and len(hmst["attempts"]) == 2
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_memory_routes_work_behind_the_api_key(server):
     base = server.rstrip("/")
     auth = {"Authorization": f"Bearer {API_KEY}"}
