@@ -49,6 +49,9 @@ ARCHITECTURES = {  # name -> config; every one on the same data settings
     "hmst": "configs/hmst_micro_shakespeare.yaml",
     "hamt": "configs/hamt_micro_shakespeare.yaml",
     "htm": "configs/htm_micro_shakespeare.yaml",
+    # HAMT at tiny size beside its matched transformer (issue: HAMT on real text at equal wall clock)
+    "hamt_tiny": "configs/hamt_tiny_shakespeare.yaml",
+    "hamt_tiny_baseline": "configs/hamt_tiny_shakespeare_baseline.yaml",
 }
 NANOGPT_REFERENCE = {"name": "nanoGPT CPU recipe (published)", "steps": 2000, "val_loss": 1.8857}
 SNAPSHOTS = 4
