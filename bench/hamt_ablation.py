@@ -1,7 +1,7 @@
 """HAMT design ablations, each on MQAR and on text bpb at an equal step budget.
 
     python bench/hamt_ablation.py [--quick] [--variants base binding=circular ...] [--mqar-steps N]
-                                  [--text-steps N] [--plot-dir DIR]
+                                  [--text-steps N] [--pairs 8] [--plot-dir DIR]
 
 Variants (HAMTConfig overrides of the 4 x 64 micro model used by bench/hamt_recall.py):
 
@@ -12,8 +12,8 @@ Variants (HAMTConfig overrides of the 4 x 64 micro model used by bench/hamt_reca
 - the aux reconstruction loss: 0.1 (base) vs 0;
 - extra probes of the 8-pair capacity question: ``tau_min=64`` (no short-lived slots).
 
-Each variant trains twice from the same seed: on MQAR (8 pairs, 32 keys, length 64 with the length
-curriculum; accuracy at 1x and 4x) and on byte-level text (the builtin corpus, 128-byte windows; val
+Each variant trains twice from the same seed: on MQAR (``--pairs`` pairs, default 8, with 4 x pairs
+keys; length 64 with the length curriculum; accuracy at 1x and 4x) and on byte-level text (the builtin corpus, 128-byte windows; val
 bits per byte on fixed held-out windows). Every variant gets the same steps and batches, so the
 comparison is at an equal step budget (wall-clock is reported beside it).
 """
@@ -80,7 +80,8 @@ def text_bpb(kw: dict, width: int, steps: int, batch: int, block: int, lr: float
 
 
 def mqar_acc(kw: dict, args) -> tuple[float, float, float]:
-    dm = RecallDataModule(task="mqar", seq_len=64, num_kv_pairs=8, num_keys=32, num_values=32, seed=7)
+    p = args.pairs
+    dm = RecallDataModule(task="mqar", seq_len=64, num_kv_pairs=p, num_keys=4 * p, num_values=4 * p, seed=7)
     torch.manual_seed(args.seed)
     model = build_hamt(dm.vocab_size, args.width, **kw)
     stats = train({"hamt": model}, dm, [32, 64], args.mqar_steps, args.batch_size, args.lr, torch.device("cpu"),
@@ -92,7 +93,7 @@ def mqar_acc(kw: dict, args) -> tuple[float, float, float]:
     return accs[0], accs[1], stats["hamt"]["train_s"]
 
 
-def plot(rows: list[dict], out_dir: Path) -> str:
+def plot(rows: list[dict], out_dir: Path, pairs: int = 8) -> str:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -102,10 +103,10 @@ def plot(rows: list[dict], out_dir: Path) -> str:
     names = [r["variant"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     y = np.arange(len(rows))
-    axes[0].barh(y - 0.2, [r["mqar8_acc_1x"] for r in rows], 0.4, label="1x")
-    axes[0].barh(y + 0.2, [r["mqar8_acc_4x"] for r in rows], 0.4, label="4x")
-    axes[0].axvline(1 / 32, color="k", ls=":", label="chance")
-    axes[0].set_title("MQAR 8 pairs / 32 keys: accuracy")
+    axes[0].barh(y - 0.2, [r[f"mqar{pairs}_acc_1x"] for r in rows], 0.4, label="1x")
+    axes[0].barh(y + 0.2, [r[f"mqar{pairs}_acc_4x"] for r in rows], 0.4, label="4x")
+    axes[0].axvline(1 / (4 * pairs), color="k", ls=":", label="chance")
+    axes[0].set_title(f"MQAR {pairs} pairs / {4 * pairs} keys: accuracy")
     axes[1].barh(y, [r["text_bpb"] for r in rows])
     axes[1].set_xlim(min(r["text_bpb"] for r in rows) * 0.95, max(r["text_bpb"] for r in rows) * 1.02)
     axes[1].set_title("builtin text: val bits per byte (lower is better)")
@@ -127,6 +128,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=None, help="'base' or key=value[,key=value] HAMTConfig overrides")
     ap.add_argument("--mqar-steps", type=int, default=None)
     ap.add_argument("--text-steps", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=8, help="MQAR key-value pairs (keys and values: 4 x pairs)")
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -142,26 +144,27 @@ def main() -> int:
     variants = args.variants or VARIANTS
     data = byte_corpus()
     rows, figures = [], {}
+    mq = f"mqar{args.pairs}"
     for v in variants:
         kw = {} if v == "base" else parse_overrides(v.split(","))
         acc1, acc4, mqar_s = mqar_acc(kw, args)
         bpb, text_s = text_bpb(kw, args.width, args.text_steps, args.batch_size, 128, args.lr, args.seed, data,
                                n_val=64 if args.quick else 256)
-        rows.append({"variant": v, "mqar8_acc_1x": round(acc1, 4), "mqar8_acc_4x": round(acc4, 4),
+        rows.append({"variant": v, f"{mq}_acc_1x": round(acc1, 4), f"{mq}_acc_4x": round(acc4, 4),
                      "text_bpb": round(bpb, 4), "mqar_train_s": round(mqar_s, 1), "text_train_s": round(text_s, 1)})
         tag = v.replace("=", "_").replace(",", "+")
-        figures.update({f"{tag}_mqar8_acc_1x": rows[-1]["mqar8_acc_1x"], f"{tag}_mqar8_acc_4x": rows[-1]["mqar8_acc_4x"],
+        figures.update({f"{tag}_{mq}_acc_1x": rows[-1][f"{mq}_acc_1x"], f"{tag}_{mq}_acc_4x": rows[-1][f"{mq}_acc_4x"],
                         f"{tag}_text_bpb": rows[-1]["text_bpb"]})
         print(rows[-1], flush=True)
     print(f"HAMT ablations at an equal step budget ({args.mqar_steps} MQAR steps, {args.text_steps} text steps)")
-    print_table(rows, ["variant", "mqar8_acc_1x", "mqar8_acc_4x", "text_bpb", "mqar_train_s", "text_train_s"])
-    settings = {"quick": args.quick, "mqar": {"pairs": 8, "keys": 32, "seq_len": 64, "curriculum": [32, 64],
+    print_table(rows, ["variant", f"{mq}_acc_1x", f"{mq}_acc_4x", "text_bpb", "mqar_train_s", "text_train_s"])
+    settings = {"quick": args.quick, "mqar": {"pairs": args.pairs, "keys": 4 * args.pairs, "seq_len": 64, "curriculum": [32, 64],
                                               "steps": args.mqar_steps, "eval_sequences": args.n_eval},
                 "text": {"corpus": "builtin (bytes)", "block": 128, "steps": args.text_steps},
                 "width": args.width, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "threads": torch.get_num_threads()}
     if args.plot_dir:
-        settings["plot"] = plot(rows, Path(args.plot_dir))
+        settings["plot"] = plot(rows, Path(args.plot_dir), args.pairs)
     print_result(figures, settings)
     return 0
 
