@@ -73,6 +73,7 @@ class RLStage(L.Callback):
         rollout_steps: int = 1,
         max_grad_norm: float = 1.0,
         write_memory: bool = False,
+        calib_span: int = 8,
     ) -> None:
         self.init_checkpoint = init_checkpoint
         self.rl = RLConfig(algorithm=algorithm, epochs=epochs, clip=clip, vf_coef=vf_coef, ent_coef=ent_coef,
@@ -81,6 +82,7 @@ class RLStage(L.Callback):
         self.reward = RewardConfig(lambda_compute=lambda_compute, lambda_latency=lambda_latency,
                                    lambda_calibration=lambda_calibration)
         self.rollout_steps, self.max_grad_norm, self.write_memory = rollout_steps, max_grad_norm, write_memory
+        self.calib_span = calib_span
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -94,6 +96,6 @@ class RLStage(L.Callback):
         if trainer.gradient_clip_val:
             raise MemLMError("stage 3 clips the controller's gradient itself (RLStage max_grad_norm); "
                              "set trainer.gradient_clip_val: null")
-        phase = RLPhase(self.rl, self.reward, self.rollout_steps, self.max_grad_norm, self.write_memory)
+        phase = RLPhase(self.rl, self.reward, self.rollout_steps, self.max_grad_norm, self.write_memory, self.calib_span)
         phase.freeze(pl_module)
         pl_module.rl_phase = phase

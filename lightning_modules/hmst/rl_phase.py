@@ -8,7 +8,10 @@
 2. scores every row: quality = the log-likelihood gain of the path taken over the early-exit
    head (nats per token; 0 for a row that exits), compute = the metered cost of that row's
    gates as a fraction of all gates on (see :class:`RowCost`), latency = the forward's
-   seconds per row, calibration = 0 here (the critic's term lives in the fact tasks);
+   measured seconds shared out over the rows in proportion to their metered compute (one
+   batched forward has no per-row clock; the shares sum to the measured time), and, when
+   ``lambda_calibration`` > 0, calibration on the rows whose verify gate fired (see
+   :meth:`RLPhase.row_calibration`);
 3. adds the decisions to a rollout; every ``rollout_steps`` steps the policy is updated on
    it (PPO epochs or one REINFORCE pass) and the rollout is discarded, so every update
    uses log-probabilities of the policy that acted.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from memlm.core.errors import MemLMError
 from memlm.core.meter import ComputeMeter
-from memlm.models.hmst.controller import GATES
+from memlm.models.hmst.controller import GATES, calibration_score
 from memlm.models.hmst.policy_gradient import RewardConfig, RLConfig, start_rollout, update_policy
 
 IGNORE_INDEX = -100
@@ -104,11 +107,14 @@ class RLPhase:
     """Installed on the module by the RL callback; see the module docstring."""
 
     def __init__(self, rl: RLConfig, reward: RewardConfig, rollout_steps: int = 1, max_grad_norm: float = 1.0,
-                 write_memory: bool = False) -> None:
+                 write_memory: bool = False, calib_span: int = 8) -> None:
         if rollout_steps < 1:
             raise MemLMError(f"rl rollout_steps must be >= 1, got {rollout_steps}")
         self.rl, self.reward = rl, reward
         self.rollout_steps, self.max_grad_norm, self.write_memory = int(rollout_steps), max_grad_norm, write_memory
+        self.calib_span, self.calib_fact_tokens = int(calib_span), 48
+        if self.calib_span < 1:
+            raise MemLMError(f"rl calib_span must be >= 1, got {calib_span}")
         self.rollout = None
         self.row_cost: RowCost | None = None
         self.last_stats: dict = {}
@@ -132,9 +138,46 @@ class RLPhase:
             return (ce * valid).sum(1) / n
 
         quality = row_nll(out.exit_logits) - row_nll(out.logits)  # 0 for rows that exited
-        compute = self.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify) / self.row_cost.all_on
-        latency = torch.full_like(quality, seconds / max(1, x.size(0)))
-        return self.reward.parts(quality, compute, latency, None)
+        flops = self.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify)
+        compute = flops / self.row_cost.all_on
+        latency = seconds * flops / flops.sum().clamp_min(1e-12)
+        calibration = self.row_calibration(module, x, y, out) if self.reward.lambda_calibration else None
+        return self.reward.parts(quality, compute, latency, calibration)
+
+    @torch.no_grad()
+    def row_calibration(self, module, x, y, out) -> torch.Tensor:
+        """[B] calibration of the critic on the rows it was asked about (verify fired), 0 elsewhere.
+
+        The row's draft answer is the model's greedy prediction of its last ``calib_span``
+        target tokens; it is right when at least half of them are. The critic scores
+        (the tokens before the span, the draft, the top semantic item the row's last query
+        read), and the row earns ``calibration_score(p, right) - 0.75`` = ``0.25 - (p - right)^2``:
+        0 for a critic that always says 0.5, up to +0.25 for a sure and right one, down to
+        -0.75 for a sure and wrong one. So verification pays only where the critic knows
+        something, and its cost is in the compute term already (one critic call per row)."""
+        verify = out.decision.verify.float()
+        span = max(1, min(self.calib_span, x.size(1) // 4))
+        target = y[:, -span:]
+        draft = out.logits[:, -span:].argmax(-1)
+        valid = target != IGNORE_INDEX
+        right = (((draft == target) & valid).sum(1).float() >= 0.5 * valid.sum(1).clamp_min(1).float()).float()
+        facts = self._top_item_ids(module, out, x.size(0), x.device)
+        p = module.model.critic(x[:, :-span], draft, facts, pad_id=-1).p_correct.float()
+        return verify * (calibration_score(p, right) - 0.75)
+
+    def _top_item_ids(self, module, out, rows: int, device) -> torch.Tensor:
+        """Token ids of the top item each row's last memory query read ([B, L], -1 padded; one -1
+        column when nothing was read or the items have no text or the module no tokenizer)."""
+        ids = out.retrieved_ids
+        tok = getattr(module, "tokenizer", None)
+        empty = torch.full((rows, 1), -1, dtype=torch.long, device=device)
+        if ids is None or ids.numel() == 0 or tok is None or len(module.semantic) == 0:
+            return empty
+        top = ids[:, -1, 0].cpu()
+        texts = module.semantic.get_texts(top.clamp_min(0))
+        enc = [tok.encode(t)[: self.calib_fact_tokens] if (t and int(i) >= 0) else [] for t, i in zip(texts, top.tolist())]
+        width = max(1, max(len(e) for e in enc))
+        return torch.tensor([e + [-1] * (width - len(e)) for e in enc], dtype=torch.long, device=device)
 
     def training_step(self, module, batch: dict, batch_idx: int):
         x, y = batch["input_ids"], batch["targets"]

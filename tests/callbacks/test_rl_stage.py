@@ -139,3 +139,55 @@ def test_stage3_refuses_a_checkpoint_whose_memory_items_mean_something_else(tmp_
     with pytest.raises(MemLMError, match="trained with model.mem_value=next_token.*set model.mem_value: next_token"):
         load_stage_checkpoint(module(), str(tmp_path / "s2.ckpt"), "stage 3")
     load_stage_checkpoint(module(mem_value="next_token", mem_key_window=3), str(tmp_path / "s2.ckpt"), "stage 3")
+
+
+def _phase_and_output(m, verify_logit: float):
+    """An RLPhase on ``m`` (stage-3 set-up by hand) and one sampled forward with a known verify gate."""
+    from memlm.lightning_modules.hmst.rl_phase import RLPhase
+    from memlm.models.hmst.policy_gradient import RewardConfig, RLConfig
+
+    phase = RLPhase(RLConfig(), RewardConfig(lambda_compute=0.5, lambda_latency=1.0, lambda_calibration=1.0),
+                    calib_span=4)
+    x = torch.stack([b["input_ids"] for b in batches(B)])
+    y = torch.stack([b["targets"] for b in batches(B)])
+    phase.row_cost = RowCost.measure(m, x)
+    ctl = m.model.controller
+    with torch.no_grad():  # greedy-known gates: never exit, both reads, verify as asked
+        ctl.gate_head.weight.zero_()
+        ctl.gate_head.bias.copy_(torch.tensor([-10.0, 10.0, 10.0, verify_logit]))
+        out = m(x, gate_mode="greedy", return_exit_logits=True)
+    return phase, x, y, out
+
+
+def test_latency_is_the_measured_time_shared_by_metered_compute():
+    m = module().eval()
+    phase, x, y, out = _phase_and_output(m, verify_logit=10.0)
+    d = out.decision
+    with torch.no_grad():
+        d.verify[:2] = 0  # two rows skip the critic: they cost less, so they take less of the time
+    parts = phase.row_rewards(m, x, y, out, seconds=0.8)
+    latency = -parts["latency"]  # lambda_latency = 1
+    flops = phase.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify)
+    assert latency.sum().item() == pytest.approx(0.8)
+    assert torch.allclose(latency, 0.8 * flops / flops.sum())
+    assert latency[0] < latency[2]
+
+
+def test_calibration_term_scores_the_critic_on_verified_rows_only():
+    """calibration = verify * (0.25 - (p - right)^2), with right = the greedy draft of the last
+    calib_span targets being at least half right, p = the critic's score of (prefix, draft, facts)."""
+    m = module().eval()
+    phase, x, y, out = _phase_and_output(m, verify_logit=10.0)
+    with torch.no_grad():
+        m.model.critic.head.weight.zero_()
+        m.model.critic.head.bias.fill_(3.0)  # p = sigmoid(3) for every row
+    p = torch.sigmoid(torch.tensor(3.0))
+    draft = out.logits[:, -4:].argmax(-1)
+    right = ((draft == y[:, -4:]).float().mean(1) >= 0.5).float()
+    parts = phase.row_rewards(m, x, y, out, seconds=0.1)
+    assert torch.allclose(parts["calibration"], 0.25 - (p - right) ** 2, atol=1e-6)
+    y_right = y.clone()
+    y_right[:, -4:] = draft  # every draft right: the sure critic earns the most
+    assert torch.allclose(phase.row_rewards(m, x, y_right, out, 0.1)["calibration"], 0.25 - (p - 1) ** 2, atol=1e-6)
+    phase_off, x, y, out_off = _phase_and_output(m, verify_logit=-10.0)  # no verification: no term
+    assert torch.equal(phase_off.row_rewards(m, x, y, out_off, 0.1)["calibration"], torch.zeros(B))
