@@ -57,6 +57,17 @@ NANOGPT_REFERENCE = {"name": "nanoGPT CPU recipe (published)", "steps": 2000, "v
 SNAPSHOTS = 4
 
 
+def selected(only: str | None, known, data: str) -> list[str]:
+    """The ``--only`` names (all of ``known`` without it), after checking them and the data file."""
+    if not Path(data).is_file():
+        raise MemLMError(f"data file not found: {data}; pass --data PATH to tinyshakespeare's input.txt")
+    names = list(known) if not only else [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MemLMError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(known)}")
+    return names
+
+
 def data_args(path: str) -> list[str]:
     return [f"--data.init_args.files=[{path}]", "--data.init_args.source=files", "--data.init_args.val_fraction=0.1",
             "--data.init_args.test_fraction=0.0", "--data.init_args.tokenizer=char"]
@@ -272,12 +283,7 @@ def main() -> int:
         args.budget_min = 1.0 if args.budget_min == 10.0 else args.budget_min
     baseline_steps = args.baseline_steps if args.baseline_steps is not None else (0 if args.quick else 2000)
     tax_steps = args.tax_steps if args.tax_steps is not None else (0 if args.quick else 100)
-    if not Path(args.data).is_file():
-        raise MemLMError(f"data file not found: {args.data}; pass --data PATH to tinyshakespeare's input.txt")
-    names = list(ARCHITECTURES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARCHITECTURES]
-    if unknown:
-        raise MemLMError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+    names = selected(args.only, ARCHITECTURES, args.data)
     work = Path(args.work or ROOT / "runs" / "leaderboard")
     work.mkdir(parents=True, exist_ok=True)
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from leaderboard import ARCHITECTURES, budget_args, score, steps_and_tokens, train  # noqa: E402
+from leaderboard import ARCHITECTURES, budget_args, score, selected, steps_and_tokens, train  # noqa: E402
 
 from memlm.core.bench import print_result, print_table  # noqa: E402
 from memlm.core.errors import MemLMError, run_main  # noqa: E402
@@ -75,12 +75,7 @@ def main() -> int:
     p.add_argument("--work", default=None, help="run folder (default: runs/leaderboard_sweep)")
     p.add_argument("--out", default=None, help="Markdown table (default: <work>/sweep.md)")
     args = p.parse_args()
-    if not Path(args.data).is_file():
-        raise MemLMError(f"data file not found: {args.data}; pass --data PATH to tinyshakespeare's input.txt")
-    names = list(GRID) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in GRID]
-    if unknown:
-        raise MemLMError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(GRID)}")
+    names = selected(args.only, GRID, args.data)
     work = Path(args.work or ROOT / "runs" / "leaderboard_sweep")
     work.mkdir(parents=True, exist_ok=True)
     jobs = [(a, i, s, extra) for a in names for i, (s, extra) in enumerate(GRID[a].items())]
