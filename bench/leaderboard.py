@@ -17,8 +17,8 @@
 - Generation: ms per new token after a 1,024-token prompt (cached decoding; a model with a
   shorter context crops the prompt to it), greedy, 32 tokens.
 - Reference rows: nanoGPT's published CPU recipe (val loss 1.8857 after 2,000 iterations at
-  4 layers, 4 heads, width 128, block 64, batch 12) and MemLM's transformer at the same dims
-  and steps (``--baseline-steps``; skipped by ``--quick`` unless given).
+  4 layers, 4 heads, width 128, block 64, batch 12) and MemLM's transformer at the same dims,
+  steps and learning rate (``NANOGPT_RECIPE``; ``--baseline-steps``, skipped by ``--quick`` unless given).
 - Writes ``--out`` (Markdown table) and ``--plot`` (val bpb against wall time); the last line is
   ``RESULT <json>`` with each architecture's val_bpb, val_loss, tokens_per_sec, params and the
   Lightning tax ``plain_over_lightning`` (``--tax-steps`` steps of bench/throughput.py; 0 skips).
