@@ -98,6 +98,7 @@ class HTMLanguageModel(MemLMModule):
         context_words: int = 0,
         context_bits: int = 2048,
         context_bits_per_word: int = 4,
+        context_positional: bool = False,
         reset_on_eos: bool = True,
         seed: int = 42,
     ) -> None:
@@ -137,7 +138,7 @@ class HTMLanguageModel(MemLMModule):
         )
         n_in = columns * cells_per_column
         # the prompt-level context signal (models/htm/context.py): classifier inputs after the cells
-        self.context = (WordContext(context_bits, context_bits_per_word, context_words, seed)
+        self.context = (WordContext(context_bits, context_bits_per_word, context_words, seed, context_positional)
                         if context_words > 0 else None)
         if self.context is not None:
             n_in += self.context.size

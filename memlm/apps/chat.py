@@ -65,7 +65,9 @@ def parse_args(argv=None):
     lrn.add_argument("--learn-state", default=None, help="learned-state file (default: CKPT.learned.pt), loaded if present")
     lrn.add_argument("--save-every", type=int, default=1, help="save the learned state every N turns (and at exit)")
     lrn.add_argument("--learn-replies", action="store_true", help="learn the model's replies too, not only the user's turns")
-    lrn.add_argument("--learn-passes", type=int, default=3, help="rehearsals of each learned turn")
+    lrn.add_argument("--learn-passes", type=int, default=10,
+                     help="rehearsals of each learned turn (a new segment needs 3 to connect; 10 let a taught "
+                          "sentence settle, docs/htm.md)")
     lrn.add_argument("--log", default=None, help="append every exchange to this JSONL file")
     args = p.parse_args(argv)
     if args.learner is None and not args.ckpt and not args.base_url:

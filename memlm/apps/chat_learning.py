@@ -34,7 +34,7 @@ class OnlineLearner:
     """Feeds exchanges to the module's online learning and saves its state now and then."""
 
     def __init__(self, backend, state_path: str, save_every: int = 1, learn_replies: bool = False,
-                 passes: int = 3, log=None) -> None:
+                 passes: int = 10, log=None) -> None:
         module = getattr(backend, "module", None)
         if module is None or not all(hasattr(module, m) for m in ("learn_text", "save_learned_state", "load_learned_state")):
             kind = type(module).__name__ if module is not None else type(backend).__name__

@@ -9,7 +9,13 @@ This module keeps, per stream, the hashes of the last ``words`` completed words 
 each step the union of their SDRs (``bits_per_word`` bits each out of ``size``): a slow,
 order-free summary of what was said, in the spirit of temporal pooling. The classifier
 reads it next to the temporal memory's cells, so the next-token distribution depends on
-the words of the prompt even where the temporal memory burst. Word boundaries come from
+the words of the prompt even where the temporal memory burst. With ``positional`` the bits of a word also depend on its slot (1 = the last completed
+word, 2 = the one before, ...) and on whether the current token is inside a word, so the
+signal says where each word was, not only which words were said: "word is " and "paris is "
+then differ at the step after "is " (slot 2 holds "word" or "paris"), where a bag of words
+gives both the same "is" bits and a classifier trained far more on one of them cannot tell
+them apart. It is a hashed word-position feature, closer to a skip-gram than to HTM; the
+temporal memory alone (``context_words: 0``) does not separate the two. Word boundaries come from
 the token texts: a token whose text (without a leading space) is all letters or digits is
 part of a word; any other token, or a token that starts with a space, ends the word.
 
@@ -60,8 +66,11 @@ def _state_bits(state, seed, per_word, size, mark, out_flat):
 
 
 @njit(cache=True)
-def _context_run(tokens, in_word, starts_word, state, size, per_word, seed, out_flat, out_off, mark):
-    """Advance the word state over ``tokens``; step t's bits are those of the words completed by token t."""
+def _context_run(tokens, in_word, starts_word, state, size, per_word, seed, positional, out_flat, out_off, mark):
+    """Advance the word state over ``tokens``; step t's bits are those of the words completed by token t.
+
+    ``positional``: a word's bits also depend on its slot (1 = the last completed word) and on
+    whether token t is inside a word, so the bits say where the words were, not only which."""
     n_words = state.shape[0] - 1
     pos = 0
     out_off[0] = 0
@@ -80,7 +89,10 @@ def _context_run(tokens, in_word, starts_word, state, size, per_word, seed, out_
         for k in range(1, n_words + 1):
             if state[k] == 0:
                 break
-            pos = _word_bits(state[k], seed, per_word, size, mark, out_flat, pos)
+            w = state[k]
+            if positional:
+                w = np.int64(_mix(np.uint64(w) + np.uint64(k) * _MULT + np.uint64(2 if state[0] != 0 else 1)))
+            pos = _word_bits(w, seed, per_word, size, mark, out_flat, pos)
         for i in range(out_off[t], pos):
             mark[out_flat[i]] = 0
         out_off[t + 1] = pos
@@ -103,12 +115,15 @@ def merge_csr(a_flat, a_off, b_flat, b_off, b_shift, out_flat, out_off):
 
 
 class WordContext:
-    """Union SDR of the last ``words`` words, ``bits_per_word`` of ``size`` bits per word."""
+    """Union SDR of the last ``words`` words, ``bits_per_word`` of ``size`` bits per word
+    (per (word, slot, inside-a-word) with ``positional``)."""
 
-    def __init__(self, size: int = 2048, bits_per_word: int = 4, words: int = 16, seed: int = 42):
+    def __init__(self, size: int = 2048, bits_per_word: int = 4, words: int = 16, seed: int = 42,
+                 positional: bool = False):
         if size < 1 or bits_per_word < 1 or words < 1:
             raise MemLMError("word context needs size, bits_per_word and words >= 1; set context_words: 0 to turn it off")
         self.size, self.bits_per_word, self.words = int(size), int(bits_per_word), int(words)
+        self.positional = bool(positional)
         self.seed = np.uint64((int(seed) * 0x2545F4914F6CDD1D + 0x1234567) % (1 << 64))
         self.in_word = np.zeros(0, dtype=np.bool_)
         self.starts_word = np.zeros(0, dtype=np.bool_)
@@ -132,7 +147,7 @@ class WordContext:
         flat = np.empty(max(1, len(tokens) * self.words * self.bits_per_word), dtype=np.int32)
         off = np.zeros(len(tokens) + 1, dtype=np.int64)
         n = _context_run(tokens, self.in_word, self.starts_word, st, self.size, self.bits_per_word, self.seed,
-                         flat, off, self._mark)
+                         self.positional, flat, off, self._mark)
         return flat[:n], off, st
 
     def state_bits(self, state: np.ndarray) -> np.ndarray:
