@@ -77,6 +77,10 @@ class HMSTLanguageModel(LanguageModel):
         mem_query_stride: int = 1,
         mem_score_bias: float = 0.0,
         mem_key_window: int = 1,
+        # kNN-LM output over next_token items (HMSTConfig.mem_knn_*; 0 = off)
+        mem_knn_lambda: float = 0.0,
+        mem_knn_temperature: float = 0.05,
+        mem_knn_min_score: float = 0.0,
         mem_index_type: str = "flat",
         mem_max_items: int | None = 65536,
         mem_write: bool = True,
@@ -125,7 +129,8 @@ class HMSTLanguageModel(LanguageModel):
             n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor, exit_layer=exit_layer, dropout=dropout,
             rope_base=rope_base, ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
             ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, mem_score_bias=mem_score_bias,
-            mem_key_window=mem_key_window, episodic_top_k=episodic_top_k,
+            mem_key_window=mem_key_window, mem_knn_lambda=mem_knn_lambda, mem_knn_temperature=mem_knn_temperature,
+            mem_knn_min_score=mem_knn_min_score, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
             critic_heads=critic_heads, critic_max_len=critic_max_len, exit_entropy_threshold=exit_entropy_threshold,
         )
@@ -136,6 +141,8 @@ class HMSTLanguageModel(LanguageModel):
         self.mem_write, self.mem_write_stride, self.mem_text_tokens = mem_write, max(1, int(mem_write_stride)), mem_text_tokens
         if mem_value not in MEM_VALUES:
             raise MemLMError(f"model.mem_value must be one of {', '.join(MEM_VALUES)}, got {mem_value!r}")
+        if mem_knn_lambda > 0 and mem_value != "next_token":
+            raise MemLMError("model.mem_knn_lambda > 0 needs model.mem_value: next_token (the kNN-LM reads the token an item names)")
         if mem_ingest_stride is not None and (isinstance(mem_ingest_stride, bool) or int(mem_ingest_stride) < 1):
             raise MemLMError(f"model.mem_ingest_stride must be an integer >= 1 (or null = mem_write_stride), got {mem_ingest_stride!r}")
         self.mem_value = mem_value

@@ -69,9 +69,12 @@ class RowCost:
     """Per-row compute of a decision, from metered forwards with every gate forced on or off.
 
     Every gated part is per row, so a batch's cost is the sum of its rows' costs:
-    ``row = exit_path + (1 - exit) * (upper - (1 - semantic) * semantic_cost - (1 - episodic) * episodic_cost)
-    + verify * critic``, each term measured on the same batch; ``all_on`` is the cost of a
-    row with every gate on (no exit, both reads, verification).
+    ``row = exit_path + semantic * search + (1 - exit) * (upper - (1 - semantic) * semantic_cost
+    - (1 - episodic) * episodic_cost) + verify * critic``, each term measured on the same batch.
+    ``search`` is what the semantic gate costs a row that exits (the FAISS search and the kNN-LM
+    output when ``mem_knn_lambda`` > 0; else 0, an exiting row reads nothing), ``semantic_cost``
+    what it adds on a row that runs on (the reader); ``all_on`` is the cost of a row with every
+    gate on (no exit, both reads, verification).
     """
 
     exit_path: float
@@ -79,28 +82,32 @@ class RowCost:
     semantic: float
     episodic: float
     critic: float
+    search: float = 0.0
 
     @classmethod
     def measure(cls, module, x, state=None) -> "RowCost":
         b = x.size(0)
         base = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, "expert_bias": 0.0}
         full = _forward_cost(module, x, state, base)
-        exit_only = _forward_cost(module, x, state, {**base, "exit": 1.0})
+        exit_sem = _forward_cost(module, x, state, {**base, "exit": 1.0})
+        exit_bare = _forward_cost(module, x, state, {**base, "exit": 1.0, "semantic": 0.0})
         no_sem = _forward_cost(module, x, state, {**base, "semantic": 0.0})
         no_ep = _forward_cost(module, x, state, {**base, "episodic": 0.0})
         critic = critic_call_cost(module.model.critic, module.config.critic_max_len)
-        return cls(exit_path=exit_only / b, upper=(full - exit_only) / b, semantic=max(0.0, full - no_sem) / b,
-                   episodic=max(0.0, full - no_ep) / b, critic=critic)
+        search = max(0.0, exit_sem - exit_bare)
+        return cls(exit_path=exit_bare / b, upper=(full - exit_sem) / b,
+                   semantic=max(0.0, full - no_sem - search) / b, episodic=max(0.0, full - no_ep) / b,
+                   critic=critic, search=search / b)
 
     @property
     def all_on(self) -> float:
-        return self.exit_path + self.upper + self.critic
+        return self.exit_path + self.search + self.upper + self.critic
 
     def rows(self, exit, episodic, semantic, verify) -> torch.Tensor:
         """[B] FLOP-equivalents of each row's gates."""
         cont = 1.0 - exit.float()
         upper = self.upper - (1 - semantic.float()) * self.semantic - (1 - episodic.float()) * self.episodic
-        return self.exit_path + cont * upper + verify.float() * self.critic
+        return self.exit_path + semantic.float() * self.search + cont * upper + verify.float() * self.critic
 
 
 class RLPhase:

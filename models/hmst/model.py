@@ -70,6 +70,15 @@ class HMSTConfig:
     # tokens (carried across segments): "capital of Zorbia is" then matches on the name, not
     # on the last word alone (1 = the token's own state)
     mem_key_window: int = 1
+    # kNN-LM output (mem_value: next_token items): the next-token distribution of a row that
+    # reads semantic memory is (1 - lambda) p_model + lambda p_kNN, where p_kNN puts each
+    # retrieved item's softmax(score / temperature) weight on the token the item names; an item
+    # counts only when its score is >= min_score, and a query with none keeps p_model. With
+    # lambda > 0 a row that exits early reads semantic memory too (the query is its exit-layer
+    # state), so "exit + retrieve" is a cheap path that can still copy a stored fact.
+    mem_knn_lambda: float = 0.0
+    mem_knn_temperature: float = 0.05
+    mem_knn_min_score: float = 0.0
     episodic_top_k: int = 2
     # controller and critic
     controller_hidden: int = 64
@@ -86,6 +95,10 @@ class HMSTConfig:
             self.exit_layer = max(1, self.n_layer // 2)
         if int(self.mem_key_window) != self.mem_key_window or self.mem_key_window < 1:
             raise MemLMError(f"mem_key_window must be an integer >= 1, got {self.mem_key_window}")
+        if not 0.0 <= self.mem_knn_lambda < 1.0:
+            raise MemLMError(f"mem_knn_lambda must be in [0, 1), got {self.mem_knn_lambda}")
+        if not self.mem_knn_temperature > 0:
+            raise MemLMError(f"mem_knn_temperature must be > 0, got {self.mem_knn_temperature}")
         if not 1 <= self.exit_layer < self.n_layer:
             raise MemLMError(f"exit_layer must be in [1, n_layer-1] = [1, {self.n_layer - 1}], got {self.exit_layer}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
@@ -392,6 +405,32 @@ class HMSTModel(nn.Module):
         hid = c.trunk[2].in_features
         return float(rows) * 2 * ((c.d_model + c.n_state_features) * hid + hid * hid + hid * (len(GATES) + c.n_experts + 2))
 
+    def _knn_mix(self, logits: torch.Tensor, retr, stride: int, meter: ComputeMeter) -> torch.Tensor:
+        """The kNN-LM output of the searched rows: log((1 - lambda) p_model + lambda p_kNN) [n, T, V].
+
+        An item's token is the vocabulary entry whose embedding is nearest (cosine) its value: a
+        ``next_token`` value is that token's embedding when it was written (the LM head is tied).
+        p_kNN at a query position puts softmax(score / temperature) over its items with score >=
+        ``mem_knn_min_score`` on their tokens; a position with no such item keeps p_model."""
+        cfg = self.cfg
+        values, mask, _, _, scores = retr
+        n, Tq, k, Dv = values.shape
+        T, V = logits.size(1), logits.size(2)
+        emb = F.normalize(self.wte.weight.detach().float(), dim=-1)
+        tok = (F.normalize(values.float(), dim=-1) @ emb.t()).argmax(-1)  # [n, Tq, k]
+        ok = mask & (scores >= cfg.mem_knn_min_score)
+        any_ok = ok.any(-1, keepdim=True)
+        w = (scores / cfg.mem_knn_temperature).masked_fill(~ok, float("-inf")).softmax(-1)
+        w = torch.where(any_ok, w, torch.zeros_like(w))  # no usable item: all -inf gives NaN weights
+        p_knn = torch.zeros(n, Tq, V, device=logits.device).scatter_add_(-1, tok, w)
+        lam = cfg.mem_knn_lambda * any_ok.float()  # [n, Tq, 1]
+        if stride > 1 or Tq != T:  # token t reads query position t // stride
+            p_knn = p_knn.repeat_interleave(stride, 1)[:, :T]
+            lam = lam.repeat_interleave(stride, 1)[:, :T]
+        meter.add_flops("knn_output", 2.0 * n * Tq * k * Dv * V + 4.0 * n * T * V)
+        mixed = torch.logaddexp(torch.log1p(-lam) + F.log_softmax(logits.float(), -1), torch.log(lam) + torch.log(p_knn))
+        return mixed
+
     @torch.no_grad()
     def _window_keys(self, h_exit: torch.Tensor, state: HMSTState):
         """Retrieval keys [B, T, D]: the causal mean of the last ``mem_key_window`` exit-layer
@@ -544,11 +583,22 @@ class HMSTModel(nn.Module):
             meter.add_flops("ssm", mm)
             meter.add("ssm_scan_ops", scan, 1.0)
 
-        # 4) upper path
+        # 4) semantic memory search (FAISS), only for rows whose semantic gate is on and that read
+        # it: the rows that run the upper path, and with the kNN-LM output (mem_knn_lambda > 0)
+        # the rows that exit as well
         hidden = h_exit.clone()
         mem_attn = torch.zeros((), device=dev)
         new_sim = prev_sim.clone()
         retrieved_ids = None
+        knn = cfg.mem_knn_lambda > 0
+        sem_on = decision.semantic > 0.5
+        sem_idx = torch.nonzero(sem_on if knn else sem_on & go_rows).squeeze(1)
+        retr = self._retrieve(keys[sem_idx], memory, stride, meter)
+        if retr is not None:
+            new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
+            retrieved_ids = torch.full((B, Tq, retr[3].size(2)), -1, dtype=torch.long, device=dev).index_copy(0, sem_idx, retr[3])
+
+        # 5) upper path
         n_up = run_idx.numel()
         if n_up:
             hu = h if n_up == B else h[run_idx]  # n_up == B means run_idx = arange(B)
@@ -560,21 +610,18 @@ class HMSTModel(nn.Module):
                 g = torch.sigmoid(self.ep_gate(torch.cat([self.ep_norm(hu_e), e], dim=-1)))
                 hu = hu.index_add(0, ep_local, (g * self.ep_proj(e)).to(hu.dtype))
                 meter.add_flops("episodic_read", 2.0 * ep_idx.numel() * T * 3 * D * D)
-            # semantic memory: FAISS search and reader only for rows whose semantic gate is on
-            sem_idx = torch.nonzero(go_rows & (decision.semantic > 0.5)).squeeze(1)
-            retr = self._retrieve(keys[sem_idx], memory, stride, meter)
+            # semantic memory: the reader reads the retrieved items of the rows that run on
             items, masks, biases, read_rows = [], [], [], torch.zeros(n_up, dtype=torch.bool, device=dev)
             if retr is not None:
-                sem_local = pos_in_run[sem_idx]
+                up = go_rows[sem_idx]  # the searched rows that also run the upper path
+                sem_local = pos_in_run[sem_idx[up]]
                 k = retr[0].size(2)
-                vals = retr[0].new_zeros(n_up, Tq, k, retr[0].size(-1)).index_copy(0, sem_local, retr[0])
-                msk = torch.zeros(n_up, Tq, k, dtype=torch.bool, device=dev).index_copy(0, sem_local, retr[1])
+                vals = retr[0].new_zeros(n_up, Tq, k, retr[0].size(-1)).index_copy(0, sem_local, retr[0][up])
+                msk = torch.zeros(n_up, Tq, k, dtype=torch.bool, device=dev).index_copy(0, sem_local, retr[1][up])
                 items.append(vals)
                 masks.append(msk)
-                biases.append(retr[4].new_zeros(n_up, Tq, k).index_copy(0, sem_local, retr[4] * cfg.mem_score_bias))
+                biases.append(retr[4].new_zeros(n_up, Tq, k).index_copy(0, sem_local, retr[4][up] * cfg.mem_score_bias))
                 read_rows[sem_local] = True
-                new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
-                retrieved_ids = torch.full((B, Tq, k), -1, dtype=torch.long, device=dev).index_copy(0, sem_idx, retr[3])
             # episodic store: rows with the episodic gate on and a valid previous segment
             if state.prev_pooled is not None and e is not None:
                 valid = ep_rows if state.prev_valid is None else ep_rows & state.prev_valid.to(dev)
@@ -613,11 +660,13 @@ class HMSTModel(nn.Module):
             else:
                 logits = logits.index_copy(0, sel, lu.to(logits.dtype))
                 hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
+        if knn and retr is not None:
+            logits = logits.index_copy(0, sem_idx, self._knn_mix(logits[sem_idx], retr, stride, meter).to(logits.dtype))
         if kv is not None:
             kv.length = start + T
             self._trim_cache(kv)
 
-        # 5) aux losses and statistics
+        # 6) aux losses and statistics
         balance = torch.stack([s["balance"] for s in stats_all]).mean()
         zloss = torch.stack([s["z"] for s in stats_all]).mean()
         load = torch.stack([s["load"] for s in stats_all]).mean(0)

@@ -91,16 +91,30 @@ def test_frozen_controller_does_not_change(tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_reward_compute_term_is_the_meter_count(tmp_path):
-    m = module()
+def fill_memory(m, n=32):
+    """Items in the semantic memory, so that a semantic read has something to cost."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(n, SIZES["d_model"], generator=g)
+    values = m.model.wte.weight.detach()[torch.randint(0, V, (n,), generator=g)]
+    m.semantic.add(keys, values)
+
+
+@pytest.mark.parametrize("knn", [0.0, 0.5])
+def test_reward_compute_term_is_the_meter_count(tmp_path, knn):
+    m = module(mem_value="next_token", mem_knn_lambda=knn)
     m.eval()
+    fill_memory(m)
     x = torch.stack([b["input_ids"] for b in batches(B)])
     cost = RowCost.measure(m, x)
+    assert cost.semantic > 0  # the reader's work on a row that runs on
+    # an exiting row searches memory only with the kNN-LM output
+    assert (cost.search > 0) == (knn > 0)
     # all gates on per row, measured directly
     full = _forward_cost(m, x, None, {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0})
     on = torch.ones(B)
     assert cost.rows(on * 0, on, on, on * 0).sum().item() == pytest.approx(full, rel=1e-6)
     for sched, gates in [({"exit": 1.0}, (on, on, on)), ({"semantic": 0.0}, (on * 0, on, on * 0)),
+                         ({"exit": 1.0, "semantic": 0.0}, (on, on, on * 0)),
                          ({"episodic": 0.0}, (on * 0, on * 0, on))]:
         s = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, **sched}
         metered = _forward_cost(m, x, None, s)
