@@ -66,6 +66,9 @@ def build(tok, seed: int) -> HMSTLanguageModel:
                           mem_value="next_token", mem_key_window=10, mem_score_bias=8.0, mem_query_stride=1,
                           mem_write=True, mem_write_stride=1, mem_ingest_stride=1, mem_max_items=8192,
                           mem_text_tokens=48,
+                          # the kNN-LM output: a retrieved item's next token is copied into the
+                          # prediction (weight 0.8, sharp over the 4 items); an exiting row reads too
+                          mem_knn_lambda=0.8, mem_knn_temperature=0.01,
                           episodic_capacity=64, controller_hidden=32, critic_d_model=64, critic_layers=2,
                           critic_heads=4, critic_max_len=192,
                           optimizer={"learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1})

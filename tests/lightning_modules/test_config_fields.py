@@ -51,7 +51,8 @@ VALUES = {
                      capacity_factor=1.5, exit_layer=2, dropout=0.1, rope_base=500000.0, ssm_layers=2, ssm_d_state=4,
                      ssm_expand=1, ssm_d_conv=3, ssm_backend="ref", mem_top_k=3, mem_query_stride=2, episodic_top_k=1,
                      controller_hidden=8, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32,
-                     exit_entropy_threshold=2.5, mem_score_bias=3.0, mem_key_window=2),
+                     exit_entropy_threshold=2.5, mem_score_bias=3.0, mem_key_window=2, mem_knn_lambda=0.3,
+                     mem_knn_temperature=0.2, mem_knn_min_score=0.5),
     HAMTConfig: dict(vocab_size=300, n_layer=1, n_embd=16, n_slots=4, binding="circular", key_source="position",
                      gate_mode="recurrent", scan_chunk=5, conv_kernel=2, mlp_ratio=2.0, dropout=0.1, tau_min=2.0,
                      tau_max=100.0, key_seed=3, aux_weight=0.2, compile_scan=True, mem_expand=2,
@@ -67,6 +68,8 @@ VALUES = {
                         teacher_api_url="http://127.0.0.1:9/v1", teacher_model="tiny-teacher", teacher_timeout=3.0,
                         teacher_retries=0, teacher_system_prompt="Be brief.", learn_from_teacher=False, seed=5),
 }
+# module arguments (not config fields) that the values above need: a kNN-LM output reads next-token items
+MODULE_KWARGS = {HMSTLanguageModel: dict(mem_value="next_token")}
 MODULES = [(TransformerLM, GPTConfig), (HMSTLanguageModel, HMSTConfig), (HAMTLanguageModel, HAMTConfig),
            (HebbianLanguageModel, LearnerConfig)]
 IDS = [m.__name__ for m, _ in MODULES]
@@ -97,7 +100,7 @@ def test_every_init_value_reaches_the_config(module_cls, config_cls):
     assert not untested, f"add a test value for {config_cls.__name__} fields {untested}"
     for field in _settable(config_cls):
         assert values[field.name] != field.default, f"the test value of {field.name} is its default: it proves nothing"
-    module = module_cls(**values)
+    module = module_cls(**values, **MODULE_KWARGS.get(module_cls, {}))
     got = {name: getattr(module.config, name) for name in values}
     assert got == values
 
@@ -107,7 +110,7 @@ def test_rope_base_reaches_the_rotary_tables():
     cos, sin = rope_cache(16, 8, 500000.0)
     assert torch.equal(gpt.model.rope_cos, cos) and torch.equal(gpt.model.rope_sin, sin)
     assert not torch.allclose(cos, rope_cache(16, 8)[0])  # the default base would give other tables
-    hmst = HMSTLanguageModel(**VALUES[HMSTConfig])
+    hmst = HMSTLanguageModel(**VALUES[HMSTConfig], **MODULE_KWARGS[HMSTLanguageModel])
     h_cos, _ = hmst.model.rope(0, 8, "cpu")
     assert torch.equal(h_cos, rope_cache(32, hmst.config.head_dim, 500000.0)[0][:8])
 
