@@ -15,6 +15,8 @@ One forward over a segment ``ids[B, T]``::
                 h += MemoryReader(h, [semantic values ; episode vectors], mask by gates)
                 upper MoE blocks with the expert-bias gate added to every router's logits
                 logits = lm_head(ln_f(h))
+    with mem_knn_lambda > 0 (kNN-LM output), every row whose semantic gate is on, exited or
+    not, also searches memory, and its prediction becomes (1 - λ) p_model + λ p_kNN
 
 The semantic memory and the episodic store are passed in by the caller (the
 LightningModule owns them); the model returns the keys/values to write
