@@ -71,6 +71,10 @@ def build(tok, seed: int) -> HMSTLanguageModel:
                           # match (cosine >= 0.95; below it a read costs more than it gives); an
                           # exiting row reads too
                           mem_knn_lambda=0.8, mem_knn_temperature=0.01, mem_knn_min_score=0.95,
+                          # keys from the token embeddings (a 10-character n-gram key): an ingested
+                          # fact stands alone, a question sees it after other text, and exit-layer
+                          # keys carry that context (docs/hmst_control.md "Why the keys")
+                          mem_key_source="embedding",
                           episodic_capacity=64, controller_hidden=32, critic_d_model=64, critic_layers=2,
                           critic_heads=4, critic_max_len=192,
                           optimizer={"learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1})

@@ -77,6 +77,7 @@ class HMSTLanguageModel(LanguageModel):
         mem_query_stride: int = 1,
         mem_score_bias: float = 0.0,
         mem_key_window: int = 1,
+        mem_key_source: str = "exit",
         # kNN-LM output over next_token items (HMSTConfig.mem_knn_*; 0 = off)
         mem_knn_lambda: float = 0.0,
         mem_knn_temperature: float = 0.05,
@@ -129,7 +130,7 @@ class HMSTLanguageModel(LanguageModel):
             n_experts=n_experts, top_k=top_k, capacity_factor=capacity_factor, exit_layer=exit_layer, dropout=dropout,
             rope_base=rope_base, ssm_layers=ssm_layers, ssm_d_state=ssm_d_state, ssm_expand=ssm_expand, ssm_d_conv=ssm_d_conv,
             ssm_backend=ssm_backend, mem_top_k=mem_top_k, mem_query_stride=mem_query_stride, mem_score_bias=mem_score_bias,
-            mem_key_window=mem_key_window, mem_knn_lambda=mem_knn_lambda, mem_knn_temperature=mem_knn_temperature,
+            mem_key_window=mem_key_window, mem_key_source=mem_key_source, mem_knn_lambda=mem_knn_lambda, mem_knn_temperature=mem_knn_temperature,
             mem_knn_min_score=mem_knn_min_score, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
             critic_heads=critic_heads, critic_max_len=critic_max_len, exit_entropy_threshold=exit_entropy_threshold,

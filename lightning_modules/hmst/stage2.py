@@ -26,7 +26,7 @@ HMST_CLASS = "memlm.lightning_modules.hmst.module.HMSTLanguageModel"
 
 # the settings a semantic item was written under (name, default): an item read under others
 # means something else (a hidden state taken for a token embedding, a 1-token key for a mean)
-ITEM_SETTINGS = (("mem_value", "hidden"), ("mem_key_window", 1))
+ITEM_SETTINGS = (("mem_value", "hidden"), ("mem_key_window", 1), ("mem_key_source", "exit"))
 
 
 def item_setting_changes(saved_hparams: dict | None, module) -> list[tuple[str, object, object]]:

@@ -72,6 +72,11 @@ class HMSTConfig:
     # tokens (carried across segments): "capital of Zorbia is" then matches on the name, not
     # on the last word alone (1 = the token's own state)
     mem_key_window: int = 1
+    # what a semantic key (and query) is the window mean of: "exit" = exit-layer states (they
+    # carry the context, so the same words after another context give another key), "embedding"
+    # = the token embeddings (context-free: a fact's words match wherever they occur; with a
+    # window of ~10 characters this is an n-gram key)
+    mem_key_source: str = "exit"
     # kNN-LM output (mem_value: next_token items): the next-token distribution of a row that
     # reads semantic memory is (1 - lambda) p_model + lambda p_kNN, where p_kNN puts each
     # retrieved item's softmax(score / temperature) weight on the token the item names; an item
@@ -97,6 +102,8 @@ class HMSTConfig:
             self.exit_layer = max(1, self.n_layer // 2)
         if int(self.mem_key_window) != self.mem_key_window or self.mem_key_window < 1:
             raise MemLMError(f"mem_key_window must be an integer >= 1, got {self.mem_key_window}")
+        if self.mem_key_source not in ("exit", "embedding"):
+            raise MemLMError(f"mem_key_source must be exit or embedding, got {self.mem_key_source!r}")
         if not 0.0 <= self.mem_knn_lambda < 1.0:
             raise MemLMError(f"mem_knn_lambda must be in [0, 1), got {self.mem_knn_lambda}")
         if not self.mem_knn_temperature > 0:
@@ -507,7 +514,8 @@ class HMSTModel(nn.Module):
         stride = max(1, cfg.mem_query_stride)
         Tq = (T + stride - 1) // stride
 
-        x = self.drop(self.wte(input_ids))
+        emb = self.wte(input_ids)
+        x = self.drop(emb)
         # 1) lower MoE blocks, every row
         stats_all = []
         h = x
@@ -518,7 +526,7 @@ class HMSTModel(nn.Module):
             stats_all.append(st)
         h_exit = self.exit_norm(h)
         pooled = h.mean(1)
-        keys, key_tail, key_count = self._window_keys(h_exit, state)
+        keys, key_tail, key_count = self._window_keys(emb if cfg.mem_key_source == "embedding" else h_exit, state)
 
         # 2) the gates decide before any memory work: every feature is known at this point
         # (exit-head entropy of the last token, position, occupancy, the previous segment's

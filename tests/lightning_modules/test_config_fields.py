@@ -51,7 +51,7 @@ VALUES = {
                      capacity_factor=1.5, exit_layer=2, dropout=0.1, rope_base=500000.0, ssm_layers=2, ssm_d_state=4,
                      ssm_expand=1, ssm_d_conv=3, ssm_backend="ref", mem_top_k=3, mem_query_stride=2, episodic_top_k=1,
                      controller_hidden=8, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32,
-                     exit_entropy_threshold=2.5, mem_score_bias=3.0, mem_key_window=2, mem_knn_lambda=0.3,
+                     exit_entropy_threshold=2.5, mem_score_bias=3.0, mem_key_window=2, mem_key_source="embedding", mem_knn_lambda=0.3,
                      mem_knn_temperature=0.2, mem_knn_min_score=0.5),
     HAMTConfig: dict(vocab_size=300, n_layer=1, n_embd=16, n_slots=4, binding="circular", key_source="position",
                      gate_mode="recurrent", scan_chunk=5, conv_kernel=2, mlp_ratio=2.0, dropout=0.1, tau_min=2.0,

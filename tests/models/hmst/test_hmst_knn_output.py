@@ -87,6 +87,27 @@ def test_an_exiting_row_reads_memory_only_with_the_knn_output(pair):
     assert bare.compute.faiss_queries == 0 and off.compute.faiss_queries == 0
 
 
+def test_embedding_keys_match_the_same_words_after_another_context():
+    torch.manual_seed(0)
+    kw = dict(vocab_size=V, block_size=T, n_layer=2, n_head=2, d_model=D, d_ff=32, n_experts=2, top_k=1, exit_layer=1,
+              ssm_d_state=4, ssm_expand=1, mem_key_window=4, episodic_capacity=8, controller_hidden=8,
+              critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32)
+    lexical = HMSTLanguageModel(mem_key_source="embedding", **kw).eval()
+    contextual = HMSTLanguageModel(mem_key_source="exit", **kw).eval()
+    contextual.load_state_dict(lexical.state_dict())
+    g = torch.Generator().manual_seed(4)
+    words = torch.randint(0, V, (6,), generator=g)
+    a = torch.cat([torch.randint(0, V, (10,), generator=g), words])[None]
+    b = torch.cat([torch.randint(0, V, (10,), generator=g), words])[None]  # same last 6 tokens, other context
+    with torch.no_grad():
+        ka, kb = (lexical(x, gate_mode="schedule", schedule=ON).mem_keys[0, -3:] for x in (a, b))
+        ca, cb = (contextual(x, gate_mode="schedule", schedule=ON).mem_keys[0, -3:] for x in (a, b))
+    assert torch.allclose(ka, kb, atol=1e-6)  # windows inside the shared words: identical keys
+    assert not torch.allclose(ca, cb, atol=1e-3)  # exit-layer states carry the context
+    with pytest.raises(MemLMError, match="mem_key_source"):
+        HMSTLanguageModel(mem_key_source="hidden", **kw)
+
+
 def test_knn_settings_are_checked():
     with pytest.raises(MemLMError, match="mem_knn_lambda"):
         build(1.0)
