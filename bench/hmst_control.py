@@ -12,8 +12,12 @@ Pipeline (everything in this process, offline, char tokenizer over the fact text
    ``lambda_compute`` of the sweep; the main row uses ``--lambda-compute``;
 3. stage 4: :class:`memlm.callbacks.critic_stage.CriticStage` trains the critic on
    (query, response, facts) triples (critic_data.py); AUROC / ECE on triples of held-out names;
-4. evaluation: the held-out facts are ingested into semantic memory, and each question (with
-   its fact and a distractor in the prompt) is answered by :class:`HMSTInferenceEngine`.
+4. evaluation: every model's semantic memory is cleared and holds the stage-3 facts plus the
+   held-out facts (:func:`knowledge_base`, as ``/ingest`` writes them), and each question (with
+   its fact and a distractor in the prompt) is answered by :class:`HMSTInferenceEngine`; the
+   answer is the reply's first sentence.
+
+The model uses the kNN-LM output over token-embedding keys (docs/hmst_control.md "Why the keys").
 
 Per configuration: exact match, confident-error rate (wrong and not abstained, with critic
 score >= threshold or no critic), abstain rate, metered compute and latency per answer.

@@ -5,7 +5,8 @@ One call, :meth:`HMSTInferenceEngine.answer`:
 1. encode the query (the last ``block_size - max_new_tokens`` tokens of the prompt);
 2. the meta-controller decides the gates on the prompt (``gate_mode``: ``controller`` =
    the trained policy, greedy; ``schedule`` = the module's fixed eval schedule; ``all_on``);
-3. retrieve: the semantic memory is searched with the last prompt token's exit-layer state
+3. retrieve: the semantic memory is searched with the last prompt token's memory key
+   (``mem_key_source``: its exit-layer or token-embedding window mean)
    (``retrieve_k`` items, scores and texts; metered as FAISS queries);
 4. generate with the chosen exit, memory reads and expert bias held fixed for the whole
    answer (the model's KV-cache path, the forward it trains with);
