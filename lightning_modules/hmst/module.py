@@ -100,6 +100,7 @@ class HMSTLanguageModel(LanguageModel):
         critic_layers: int = 2,
         critic_heads: int = 4,
         critic_max_len: int = 128,
+        critic_match_ngram: int = 0,
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 0.001,
         exit_loss_weight: float = 0.3,
@@ -133,7 +134,8 @@ class HMSTLanguageModel(LanguageModel):
             mem_key_window=mem_key_window, mem_key_source=mem_key_source, mem_knn_lambda=mem_knn_lambda, mem_knn_temperature=mem_knn_temperature,
             mem_knn_min_score=mem_knn_min_score, episodic_top_k=episodic_top_k,
             controller_hidden=controller_hidden, critic_d_model=critic_d_model, critic_layers=critic_layers,
-            critic_heads=critic_heads, critic_max_len=critic_max_len, exit_entropy_threshold=exit_entropy_threshold,
+            critic_heads=critic_heads, critic_max_len=critic_max_len, critic_match_ngram=critic_match_ngram,
+            exit_entropy_threshold=exit_entropy_threshold,
         )
         self.model = HMSTModel(self.config)
         self.gate_mode, self.eval_gate_mode = gate_mode, eval_gate_mode

@@ -50,7 +50,7 @@ VALUES = {
     HMSTConfig: dict(vocab_size=300, block_size=16, n_layer=3, n_head=2, d_model=16, d_ff=24, n_experts=3, top_k=1,
                      capacity_factor=1.5, exit_layer=2, dropout=0.1, rope_base=500000.0, ssm_layers=2, ssm_d_state=4,
                      ssm_expand=1, ssm_d_conv=3, ssm_backend="ref", mem_top_k=3, mem_query_stride=2, episodic_top_k=1,
-                     controller_hidden=8, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32,
+                     controller_hidden=8, critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=32, critic_match_ngram=2,
                      exit_entropy_threshold=2.5, mem_score_bias=3.0, mem_key_window=2, mem_key_source="embedding", mem_knn_lambda=0.3,
                      mem_knn_temperature=0.2, mem_knn_min_score=0.5),
     HAMTConfig: dict(vocab_size=300, n_layer=1, n_embd=16, n_slots=4, binding="circular", key_source="position",
