@@ -30,7 +30,9 @@ class CriticStage(L.Callback):
 
         if not isinstance(pl_module, HMSTLanguageModel):
             raise MemLMError(f"CriticStage trains the HMST critic; the model is a {type(pl_module).__name__}")
-        load_stage_checkpoint(pl_module, self.init_checkpoint, "stage 4 (critic)")
+        # the critic's exact-match channel (model.critic_match_ngram) may be new in stage 4: the
+        # critic is what this stage trains, so it can start from a checkpoint without it
+        load_stage_checkpoint(pl_module, self.init_checkpoint, "stage 4 (critic)", new_ok=("model.critic.match.",))
         tok = pl_module.tokenizer
         pad = tok.pad_id if tok is not None and tok.pad_id is not None else -1
         phase = CriticPhase(pad)

@@ -25,8 +25,11 @@ from memlm.lightning_modules.hmst.stage2 import item_setting_changes
 from memlm.models.hmst.policy_gradient import RewardConfig, RLConfig
 
 
-def load_stage_checkpoint(module, path: str | None, stage: str) -> None:
-    """Load weights, tokenizer and memories of an earlier-stage checkpoint into ``module`` in place."""
+def load_stage_checkpoint(module, path: str | None, stage: str, new_ok: tuple[str, ...] = ()) -> None:
+    """Load weights, tokenizer and memories of an earlier-stage checkpoint into ``module`` in place.
+
+    ``new_ok``: name prefixes of parameters this stage may add (they keep their fresh
+    initialisation when the checkpoint lacks them), e.g. stage 4's ``model.critic.match.``."""
     if not path:
         raise MemLMError(f"{stage} starts from a trained HMST checkpoint: set init_checkpoint to a stage-1 or "
                          "stage-2 .ckpt (train one with configs/hmst_micro.yaml)")
@@ -36,8 +39,12 @@ def load_stage_checkpoint(module, path: str | None, stage: str) -> None:
     if saved.rpartition(".")[2] != want:
         raise MemLMError(f"{path} holds a {saved.rpartition('.')[2] or 'unknown'} checkpoint; {stage} needs a {want} "
                          "checkpoint (a stage-1 or stage-2 HMST run)")
+    state = dict(ckpt["state_dict"])
+    for name, p in module.state_dict().items():
+        if new_ok and name not in state and name.startswith(new_ok):
+            state[name] = p  # added by this stage: its own initial value
     try:
-        module.load_state_dict(ckpt["state_dict"], strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]

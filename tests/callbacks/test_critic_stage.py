@@ -13,12 +13,12 @@ from memlm.datamodules.critic_data import encode_examples, make_critic_examples
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel
 
 
-def module():
+def module(**kw):
     torch.manual_seed(0)
     m = HMSTLanguageModel(vocab_size=259, block_size=32, n_layer=2, n_head=2, d_model=16, d_ff=16, n_experts=2, top_k=1,
                           exit_layer=1, ssm_d_state=4, ssm_expand=1, episodic_capacity=8, controller_hidden=8,
                           critic_d_model=16, critic_layers=1, critic_heads=2, critic_max_len=128,
-                          optimizer={"learning_rate": 3e-3, "warmup_steps": 0})
+                          optimizer={"learning_rate": 3e-3, "warmup_steps": 0}, **kw)
     m.set_tokenizer(build_tokenizer("byte"))
     return m
 
@@ -66,3 +66,25 @@ def test_stage4_needs_triples_and_a_checkpoint(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[CriticStage(ckpt)])
     with pytest.raises(MemLMError, match="CriticDataModule"):
         trainer.fit(m, train_dataloaders=DataLoader(lm, batch_size=2))
+
+
+def test_stage4_may_add_the_critics_match_channel_and_nothing_else(tmp_path):
+    """A stage-1 checkpoint without exact-match flags starts a stage-4 critic with them (the
+    channel starts fresh and trains); any other parameter the checkpoint lacks is an error."""
+    ckpt = save(module(), tmp_path / "s1.ckpt")
+    m = module(critic_match_ngram=2)
+    fresh = m.model.critic.match.weight.detach().clone()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[CriticStage(init_checkpoint=ckpt)], limit_val_batches=0)
+    trainer.fit(m, train_dataloaders=loader("train", 24))
+    assert not torch.equal(m.model.critic.match.weight.detach(), fresh)
+    start = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(m.state_dict()["model.wte.weight"], start["model.wte.weight"])
+    partial = {k: v for k, v in start.items() if not k.startswith("model.controller.")}
+    bad = save(module(), tmp_path / "partial.ckpt")
+    torch.save({**torch.load(bad, weights_only=True), "state_dict": partial}, bad)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[CriticStage(bad)])
+    with pytest.raises(MemLMError, match="does not fit"):
+        trainer.fit(module(critic_match_ngram=2), train_dataloaders=loader("train"))
