@@ -93,6 +93,7 @@ class HMSTConfig:
     critic_layers: int = 2
     critic_heads: int = 4
     critic_max_len: int = 128
+    critic_match_ngram: int = 0  # exact-match flags of n-grams across query / response / facts (0 = none)
     # per-row early exit out of training: a row exits when the exit head's entropy (nats) on its
     # last token is below this threshold, overriding the exit gate (None = the gate decides)
     exit_entropy_threshold: float | None = None
@@ -302,7 +303,8 @@ class HMSTModel(nn.Module):
         self.reader = MemoryReader(D, D, cfg.n_head)
         self.controller = MetaController(D, cfg.n_experts, 4, cfg.controller_hidden, vocab_size=cfg.vocab_size,
                                          init_gate_probs={"exit": 0.1, "episodic": 0.9, "semantic": 0.9, "verify": 0.1})
-        self.critic = Critic(cfg.vocab_size, cfg.critic_d_model, cfg.critic_layers, cfg.critic_heads, cfg.critic_max_len)
+        self.critic = Critic(cfg.vocab_size, cfg.critic_d_model, cfg.critic_layers, cfg.critic_heads, cfg.critic_max_len,
+                             match_ngram=cfg.critic_match_ngram)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.wte.weight.device.type != "meta":
             self._init_weights()
@@ -494,7 +496,13 @@ class HMSTModel(nn.Module):
         use_cache: bool = False,
         return_exit_logits: bool | None = None,
         generator: torch.Generator | None = None,
+        logits_to_keep: int = 0,
     ) -> HMSTOutput:
+        """``logits_to_keep`` = N > 0 returns (and pays for) the logits of the last N positions
+        only, as a prefill that samples from the last one needs (HF's argument of the same
+        name). A row that exits reads semantic memory only through the kNN-LM output, so when
+        every searched row exits, memory is searched at those N positions alone; rows that run
+        the upper path still search every position, since their reader feeds later tokens."""
         cfg = self.cfg
         B, T = input_ids.shape
         dev = input_ids.device
@@ -505,8 +513,13 @@ class HMSTModel(nn.Module):
         kv = state.kv if use_cache else None
         start = kv.length if kv is not None else 0
         if kv is None and T > cfg.block_size:
-            return self._segmented(input_ids, state, memory, episodic_store, gate_mode, schedule, decision,
-                                   return_exit_logits, generator)
+            out = self._segmented(input_ids, state, memory, episodic_store, gate_mode, schedule, decision,
+                                  return_exit_logits, generator)
+            if logits_to_keep > 0:
+                out.logits = out.logits[:, -logits_to_keep:]
+                out.exit_logits = None if out.exit_logits is None else out.exit_logits[:, -logits_to_keep:]
+            return out
+        N = T if logits_to_keep <= 0 else min(int(logits_to_keep), T)  # positions whose logits are made
         cos, sin = self.rope(start, T, dev)
         want_exit_logits = self.training if return_exit_logits is None else return_exit_logits
         meter = ComputeMeter()
@@ -564,15 +577,15 @@ class HMSTModel(nn.Module):
         # alone: no [B, T, V] buffer of exit logits to fill and then overwrite
         all_up = kv is None and run_idx.numel() == B
         if want_exit_logits:  # deep supervision needs the exit head on every row
-            exit_logits = self.lm_head(h_exit)
-            meter.add_flops("exit_head", 2.0 * B * T * D * V)
+            exit_logits = self.lm_head(h_exit[:, T - N:])
+            meter.add_flops("exit_head", 2.0 * B * N * D * V)
             logits = exit_logits if all_up else exit_logits.clone()
         else:  # only the rows that exit pay for the exit head
             exit_logits = None
-            logits = h_exit.new_zeros(B if not all_up else 0, T, V)
+            logits = h_exit.new_zeros(B if not all_up else 0, N, V)
             if exit_idx.numel():
-                lx = self.lm_head(h_exit[exit_idx])
-                meter.add_flops("exit_head", 2.0 * exit_idx.numel() * T * D * V)
+                lx = self.lm_head(h_exit[exit_idx, T - N:])
+                meter.add_flops("exit_head", 2.0 * exit_idx.numel() * N * D * V)
                 logits = logits.to(lx.dtype).index_copy(0, exit_idx, lx)
 
         # 3) episodic SSM, only for rows that read it; a row that does not keeps its state
@@ -603,10 +616,19 @@ class HMSTModel(nn.Module):
         knn = cfg.mem_knn_lambda > 0
         sem_on = decision.semantic > 0.5
         sem_idx = torch.nonzero(sem_on if knn else sem_on & go_rows).squeeze(1)
-        retr = self._retrieve(keys[sem_idx], memory, stride, meter)
+        # searched rows that all exit only need the positions whose logits are kept
+        knn_only = knn and N < T and sem_idx.numel() > 0 and not bool(go_rows[sem_idx].any())
+        kept_q = torch.arange(T - N, T, device=dev) // stride  # the query each kept position reads
+        if knn_only:  # search just those queries (the same ones a full forward uses for them)
+            first = int(kept_q[0])
+            retr = self._retrieve(keys[sem_idx][:, first * stride:int(kept_q[-1]) * stride + 1:stride], memory, 1, meter)
+            kept_q = kept_q - first
+        else:
+            retr = self._retrieve(keys[sem_idx], memory, stride, meter)
         if retr is not None:
             new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
-            retrieved_ids = torch.full((B, Tq, retr[3].size(2)), -1, dtype=torch.long, device=dev).index_copy(0, sem_idx, retr[3])
+            retrieved_ids = torch.full((B, retr[3].size(1), retr[3].size(2)), -1, dtype=torch.long,
+                                       device=dev).index_copy(0, sem_idx, retr[3])
 
         # 5) upper path
         n_up = run_idx.numel()
@@ -663,15 +685,19 @@ class HMSTModel(nn.Module):
             else:
                 sel = src = torch.nonzero(go_rows).squeeze(1)
             every_row = kv is None and n_up == B  # run_idx = arange(B): the upper path wrote every row
-            lu = self.lm_head(hu if every_row else hu[src])
-            meter.add_flops("head", 2.0 * src.numel() * T * D * V)
+            lu = self.lm_head((hu if every_row else hu[src])[:, T - N:])
+            meter.add_flops("head", 2.0 * src.numel() * N * D * V)
             if every_row:  # no [B, T, V] copy of the exit logits to overwrite entirely
                 logits, hidden = lu.to(logits.dtype), hu.to(hidden.dtype)
             else:
                 logits = logits.index_copy(0, sel, lu.to(logits.dtype))
                 hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
         if knn and retr is not None:
-            logits = logits.index_copy(0, sem_idx, self._knn_mix(logits[sem_idx], retr, stride, meter).to(logits.dtype))
+            if N < T:  # the kept positions' queries (token t reads query t // stride)
+                mixed = self._knn_mix(logits[sem_idx], tuple(r[:, kept_q] for r in retr), 1, meter)
+            else:
+                mixed = self._knn_mix(logits[sem_idx], retr, stride, meter)
+            logits = logits.index_copy(0, sem_idx, mixed.to(logits.dtype))
         if kv is not None:
             kv.length = start + T
             self._trim_cache(kv)
