@@ -10,8 +10,12 @@ One call, :meth:`HMSTInferenceEngine.answer`:
    (``retrieve_k`` items, scores and texts; metered as FAISS queries);
 4. generate with the chosen exit, memory reads and expert bias held fixed for the whole
    answer (the model's KV-cache path, the forward it trains with);
-5. verify when the verify gate fired (``verify: gate``), always or never: the critic scores
-   the answer against the retrieved texts (metered as a critic call). Below ``threshold``,
+5. verify when the verify gate fired (``verify: gate``), always or never: the memory is
+   searched again with the memory key at the end of the draft (``evidence: draft``; the key
+   of "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed value, while
+   the prompt's key, which ends before the answer, finds items whose text stops where the
+   answer begins), and the critic scores the answer against those texts and the prompt's
+   (metered as FAISS queries and a critic call). Below ``threshold``,
    retrieve twice as much with the semantic read forced on and regenerate (``max_retries``
    times), then abstain with :attr:`EngineConfig.abstain_message`.
 
@@ -32,6 +36,7 @@ from memlm.core.sampling import SamplingParams, sample_next
 
 GATE_MODES = ("controller", "schedule", "all_on")
 VERIFY_MODES = ("gate", "always", "never")
+EVIDENCE_MODES = ("draft", "prompt")
 ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 1.0, "expert_bias": 0.0}
 
 
@@ -45,6 +50,7 @@ class EngineConfig:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     retry_temperature: float = 0.0  # 0: a retry differs only by what it retrieved
+    evidence: str = "draft"  # what the critic checks against: items found from the draft's end, or the prompt's only
     seed: int = 0
     abstain_message: str = "I don't know: I could not verify an answer against my memory."
 
@@ -55,6 +61,8 @@ class EngineConfig:
             raise MemLMError(f"engine verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise MemLMError(f"engine threshold must be in [0, 1], got {self.threshold}")
+        if self.evidence not in EVIDENCE_MODES:
+            raise MemLMError(f"engine evidence must be one of {', '.join(EVIDENCE_MODES)}, got {self.evidence!r}")
         if self.max_retries < 0 or self.retrieve_k < 1 or self.max_new_tokens < 1:
             raise MemLMError("engine max_retries must be >= 0, retrieve_k and max_new_tokens >= 1")
 
@@ -69,6 +77,7 @@ class Attempt:
     verified: bool  # the critic ran
     critic_score: float | None
     accepted: bool
+    evidence: list = field(default_factory=list)  # items found from the draft's end (when verified)
 
 
 @dataclass
@@ -172,13 +181,17 @@ class HMSTInferenceEngine:
     def _generate(self, ids: torch.Tensor, mode: str, schedule, force_read: bool, params: SamplingParams,
                   meter: ComputeMeter, k: int):
         state = self.model.init_state(1, ids.device, use_cache=True)
-        out = self._forward(ids, state, meter, gate_mode=mode, schedule=schedule)
+        # the prefill samples from its last position only: no logits (nor, for a row that exits,
+        # kNN-LM memory searches) for the prompt positions before it
+        out = self._forward(ids, state, meter, gate_mode=mode, schedule=schedule, logits_to_keep=1)
         decision = out.decision
         if force_read:  # a retry after a failed verification reads semantic memory in full
             decision.exit = torch.zeros_like(decision.exit)
             decision.semantic = torch.ones_like(decision.semantic)
-            out = self._forward(ids, self.model.init_state(1, ids.device, use_cache=True), meter, decision=decision)
+            out = self._forward(ids, self.model.init_state(1, ids.device, use_cache=True), meter, decision=decision,
+                                logits_to_keep=1)
         retrieved = self._retrieve(out.mem_keys[0, -1], k, meter)
+        draft_key = out.mem_keys[0, -1]
         gen = torch.Generator(device=ids.device).manual_seed(self.cfg.seed)
         new: list[int] = []
         state, logits = out.state, out.logits[:, -1]
@@ -194,9 +207,10 @@ class HMSTInferenceEngine:
                 break
             out = self._forward(nxt.view(1, 1), state, meter, decision=decision)
             state, logits = out.state, out.logits[:, -1]
+            draft_key = out.mem_keys[0, -1]  # the key at the last token of the draft fed back
         for s in self.cfg.stop:
             text = text.split(s)[0]
-        return decision, retrieved, text.strip()
+        return decision, retrieved, text.strip(), draft_key
 
     # -- the call ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -225,9 +239,10 @@ class HMSTInferenceEngine:
                                    eos_id=params.eos_id, seed=cfg.seed + attempt)
                 if attempt:
                     self.model.cfg.mem_top_k = max(top_k, k)  # the reader sees the wider retrieval too
-                decision, retrieved, text = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
+                decision, retrieved, text, draft_key = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
                 run_critic = cfg.verify == "always" or (cfg.verify == "gate" and bool(decision.verify[0] > 0.5))
-                score = self.score(query_ids, text, retrieved, meter) if run_critic else None
+                evidence = self._retrieve(draft_key, k, meter) if run_critic and cfg.evidence == "draft" else []
+                score = self.score(query_ids, text, evidence + retrieved, meter) if run_critic else None
                 accepted = score is None or score >= cfg.threshold
                 attempts.append(Attempt(
                     gates={g: bool(getattr(decision, g)[0] > 0.5) for g in ("exit", "episodic", "semantic", "verify")},
@@ -236,6 +251,7 @@ class HMSTInferenceEngine:
                     else int(decision.expert_choice[0]),
                     retrieved=retrieved, answer=text, verified=run_critic,
                     critic_score=None if score is None else round(score, 6), accepted=accepted,
+                    evidence=evidence,
                 ))
                 if accepted:
                     break
@@ -260,6 +276,8 @@ def explain_lines(res: EngineResult) -> list[str]:
         lines.append(f"[hmst] attempt {i + 1}: gates on: {', '.join(on) or 'none'} (P(on): {probs}); expert bias: {expert}")
         for r in a.retrieved:
             lines.append(f"[hmst]   retrieved #{r['id']} score {r['score']:.3f}: {(r['text'] or '').strip()[:80]!r}")
+        for r in a.evidence:
+            lines.append(f"[hmst]   evidence #{r['id']} score {r['score']:.3f}: {(r['text'] or '').strip()[:80]!r}")
         verdict = "not verified" if not a.verified else f"critic {a.critic_score:.3f} -> {'accept' if a.accepted else 'reject'}"
         lines.append(f"[hmst]   answer {a.answer!r}: {verdict}")
     counts = res.compute.get("counts", {})

@@ -93,6 +93,43 @@ def test_gate_modes_decide_compute():
     assert ctl.compute_total < on.compute_total
 
 
+@pytest.mark.parametrize("evidence", ["draft", "prompt"])
+def test_the_critic_checks_the_draft_against_evidence_found_from_its_end(monkeypatch, evidence):
+    """verify -> memory searched with the key at the draft's last token (not the prompt's) ->
+    the critic reads those texts first, then the prompt's; every search is metered."""
+    m = hmst_module()
+    set_policy(m, verify=10.0)
+    set_critic(m, 5.0)
+    eng = HMSTInferenceEngine(m, EngineConfig(verify="gate", max_new_tokens=4, retrieve_k=1, evidence=evidence))
+    keys, last_keys, critic_facts = [], [], []
+    search, forward, critic = eng._retrieve, eng._forward, m.model.critic.forward
+    monkeypatch.setattr(eng, "_retrieve", lambda key, k, meter: keys.append(key.clone()) or search(key, k, meter))
+
+    def spy_forward(*a, **kw):
+        out = forward(*a, **kw)
+        last_keys.append(out.mem_keys[0, -1].clone())
+        return out
+
+    monkeypatch.setattr(eng, "_forward", spy_forward)
+    monkeypatch.setattr(m.model.critic, "forward", lambda q, r, f, pad_id=None: critic_facts.append(f) or critic(q, r, f, pad_id))
+    res = eng.answer("Q: What is the capital of Zorbia?\nA:")
+    a = res.attempts[0]
+    assert a.verified and a.accepted  # (critic_facts[1:] are the critic's cost measurement)
+    facts_text = eng.tok.decode([t for t in critic_facts[0][0].tolist() if t != eng.pad])
+    if evidence == "prompt":
+        assert len(keys) == 1 and a.evidence == []
+        assert facts_text == a.retrieved[0]["text"]
+        return
+    prompt_key, draft_key = keys
+    assert torch.equal(draft_key, last_keys[-1]) and not torch.equal(draft_key, prompt_key)
+    assert [e["id"] for e in a.evidence] == m.semantic.search(draft_key.float().view(1, -1), 1).ids[0].tolist()
+    texts = list(dict.fromkeys([a.evidence[0]["text"], a.retrieved[0]["text"]]))
+    assert facts_text == " ".join(texts)
+    # the evidence search is metered: one FAISS query more than the same answer without it
+    plain = HMSTInferenceEngine(m, EngineConfig(verify="gate", max_new_tokens=4, retrieve_k=1, evidence="prompt"))
+    assert res.compute["counts"]["faiss_queries"] == plain.answer("Q: What is the capital of Zorbia?\nA:").compute["counts"]["faiss_queries"] + 1
+
+
 def test_memory_operations_and_errors():
     m = hmst_module()
     eng = HMSTInferenceEngine(m)
@@ -105,6 +142,8 @@ def test_memory_operations_and_errors():
         EngineConfig(gate_mode="random")
     with pytest.raises(MemLMError):
         EngineConfig(threshold=2.0)
+    with pytest.raises(MemLMError):
+        EngineConfig(evidence="web")
     with pytest.raises(MemLMError):
         eng.answer("")
 
