@@ -357,23 +357,35 @@ class HMSTModel(nn.Module):
                 kv.keys[i] = kv.keys[i][:, :, -W:]
                 kv.values[i] = kv.values[i][:, :, -W:]
 
-    def _retrieve(self, queries: torch.Tensor, memory, stride: int, meter: ComputeMeter):
+    def _retrieve(self, queries: torch.Tensor, memory, stride: int, meter: ComputeMeter, need=None):
         """Per-token kNN read for the rows given (``queries`` [n, T, D]): search every ``stride``-th
-        query; token t uses the last query <= t. Counts the searches on ``meter``."""
+        query; token t uses the last query <= t. ``need`` [n, nq] (bool) searches only those
+        queries; the others come back empty (no items). Counts the searches on ``meter``."""
         n, T, D = queries.shape
         k = self.cfg.mem_top_k
         if memory is None or k <= 0 or len(memory) == 0 or n == 0:
             return None
         qpos = torch.arange(0, T, stride, device=queries.device)
-        q = queries[:, qpos].reshape(-1, D).detach()
+        nq = qpos.numel()
+        q = queries[:, qpos].detach()
+        q = q.reshape(-1, D) if need is None else q[need]
         cost = memory.query_cost(k) if hasattr(memory, "query_cost") else 0.0
         meter.add(FAISS_QUERIES, q.size(0), cost)
         res = memory.search(q, k)
-        nq = qpos.numel()
-        values = res.values.view(n, nq, k, -1).to(queries.dtype)  # per query position
-        mask = res.mask.view(n, nq, k)
-        scores = res.scores.view(n, nq, k).float()
-        ids = res.ids.view(n, nq, k)
+        if need is None:
+            values = res.values.view(n, nq, k, -1).to(queries.dtype)  # per query position
+            mask = res.mask.view(n, nq, k)
+            scores = res.scores.view(n, nq, k).float()
+            ids = res.ids.view(n, nq, k)
+        else:  # the unsearched queries: no items (a kNN-LM position without items keeps p_model)
+            values = queries.new_zeros(n, nq, k, res.values.size(-1))
+            values[need] = res.values.view(-1, k, res.values.size(-1)).to(queries.dtype)
+            mask = torch.zeros(n, nq, k, dtype=torch.bool, device=queries.device)
+            mask[need] = res.mask.view(-1, k)
+            scores = torch.zeros(n, nq, k, device=queries.device)
+            scores[need] = res.scores.view(-1, k).float()
+            ids = torch.full((n, nq, k), -1, dtype=torch.long, device=queries.device)
+            ids[need] = res.ids.view(-1, k).to(ids.device)
         best = torch.where(mask[..., 0], scores[..., 0], torch.zeros_like(scores[..., 0]))  # [n, nq]
         return values, mask, best, ids, scores
 
@@ -388,6 +400,12 @@ class HMSTModel(nn.Module):
             store.record_hits(slots)
         vals = store.get(slots.reshape(-1))["pooled"].view(query.size(0), slots.size(1), -1).to(query.device, query.dtype)
         return vals.unsqueeze(1).expand(-1, Tq, -1, -1)
+
+    def knn_output_flops(self, queries: int, positions: int) -> float:
+        """The kNN-LM output's FLOPs: naming the items' tokens of ``queries`` searches (cosine
+        against the vocabulary) and the mixture at ``positions`` logit rows."""
+        c = self.cfg
+        return 2.0 * queries * c.mem_top_k * c.d_model * c.vocab_size + 4.0 * positions * c.vocab_size
 
     # -- exact matmul FLOPs of each part (FlopCounterMode's convention: 2 per multiply-add) ------
     def _block_flops(self, rows: int, T: int, Tk: int) -> float:
@@ -416,7 +434,7 @@ class HMSTModel(nn.Module):
         hid = c.trunk[2].in_features
         return float(rows) * 2 * ((c.d_model + c.n_state_features) * hid + hid * hid + hid * (len(GATES) + c.n_experts + 2))
 
-    def _knn_mix(self, logits: torch.Tensor, retr, stride: int, meter: ComputeMeter) -> torch.Tensor:
+    def _knn_mix(self, logits: torch.Tensor, retr, stride: int, meter: ComputeMeter, need=None) -> torch.Tensor:
         """The kNN-LM output of the searched rows: log((1 - lambda) p_model + lambda p_kNN) [n, T, V].
 
         An item's token is the vocabulary entry whose embedding is nearest (cosine) its value: a
@@ -428,7 +446,11 @@ class HMSTModel(nn.Module):
         n, Tq, k, Dv = values.shape
         T, V = logits.size(1), logits.size(2)
         emb = F.normalize(self.wte.weight.detach().float(), dim=-1)
-        tok = (F.normalize(values.float(), dim=-1) @ emb.t()).argmax(-1)  # [n, Tq, k]
+        if need is None:
+            tok = (F.normalize(values.float(), dim=-1) @ emb.t()).argmax(-1)  # [n, Tq, k]
+        else:  # only the searched queries have items to name
+            tok = torch.zeros(n, Tq, k, dtype=torch.long, device=logits.device)
+            tok[need] = (F.normalize(values[need].float(), dim=-1) @ emb.t()).argmax(-1)
         ok = mask & (scores >= cfg.mem_knn_min_score)
         any_ok = ok.any(-1, keepdim=True)
         w = (scores / cfg.mem_knn_temperature).masked_fill(~ok, float("-inf")).softmax(-1)
@@ -438,7 +460,8 @@ class HMSTModel(nn.Module):
         if stride > 1 or Tq != T:  # token t reads query position t // stride
             p_knn = p_knn.repeat_interleave(stride, 1)[:, :T]
             lam = lam.repeat_interleave(stride, 1)[:, :T]
-        meter.add_flops("knn_output", 2.0 * n * Tq * k * Dv * V + 4.0 * n * T * V)
+        n_q = n * Tq if need is None else int(need.sum())
+        meter.add_flops("knn_output", self.knn_output_flops(n_q, n * T))
         mixed = torch.logaddexp(torch.log1p(-lam) + F.log_softmax(logits.float(), -1), torch.log(lam) + torch.log(p_knn))
         return mixed
 
@@ -460,6 +483,22 @@ class HMSTModel(nn.Module):
         n = (cnt[:, None] + torch.arange(1, T + 1, device=dev)[None]).clamp(max=w)
         keys = (sums / n[..., None]).to(h_exit.dtype)
         return keys, full[:, -(w - 1):], (cnt + T).clamp(max=w - 1)
+
+    @staticmethod
+    def _knn_need(sem_idx, go_rows, T: int, N: int, score_mask, stride: int):
+        """[n, nq] the queries each searched row needs (None = all): every query for a row that
+        runs the upper path; for a row that exits, those read by its kept (last N), scored positions."""
+        n = sem_idx.numel()
+        if n == 0 or (N >= T and score_mask is None):
+            return None
+        dev = sem_idx.device
+        scored = (torch.arange(T, device=dev) >= T - N).unsqueeze(0).expand(n, T)
+        if score_mask is not None:
+            scored = scored & score_mask.to(dev)[sem_idx].bool()
+        nq = (T + stride - 1) // stride
+        need = F.pad(scored, (0, nq * stride - T)).view(n, nq, stride).any(-1)  # token t reads query t // stride
+        need = need | go_rows[sem_idx].unsqueeze(1)
+        return None if bool(need.all()) else need
 
     def _cache_len(self, kv: KVCache | None, layer: int) -> int:
         return 0 if kv is None or kv.keys[layer] is None else kv.keys[layer].size(2)
@@ -497,12 +536,15 @@ class HMSTModel(nn.Module):
         return_exit_logits: bool | None = None,
         generator: torch.Generator | None = None,
         logits_to_keep: int = 0,
+        score_mask: torch.Tensor | None = None,
     ) -> HMSTOutput:
         """``logits_to_keep`` = N > 0 returns (and pays for) the logits of the last N positions
         only, as a prefill that samples from the last one needs (HF's argument of the same
-        name). A row that exits reads semantic memory only through the kNN-LM output, so when
-        every searched row exits, memory is searched at those N positions alone; rows that run
-        the upper path still search every position, since their reader feeds later tokens."""
+        name). ``score_mask`` [B, T] marks the positions whose logits will be used (a loss's
+        targets; None = all). A row that exits reads semantic memory only through the kNN-LM
+        output, so it searches memory only for kept, scored positions (its other positions
+        keep the exit head's logits); a row that runs the upper path searches every queried
+        position, since its reader feeds later tokens."""
         cfg = self.cfg
         B, T = input_ids.shape
         dev = input_ids.device
@@ -617,14 +659,8 @@ class HMSTModel(nn.Module):
         sem_on = decision.semantic > 0.5
         sem_idx = torch.nonzero(sem_on if knn else sem_on & go_rows).squeeze(1)
         # searched rows that all exit only need the positions whose logits are kept
-        knn_only = knn and N < T and sem_idx.numel() > 0 and not bool(go_rows[sem_idx].any())
-        kept_q = torch.arange(T - N, T, device=dev) // stride  # the query each kept position reads
-        if knn_only:  # search just those queries (the same ones a full forward uses for them)
-            first = int(kept_q[0])
-            retr = self._retrieve(keys[sem_idx][:, first * stride:int(kept_q[-1]) * stride + 1:stride], memory, 1, meter)
-            kept_q = kept_q - first
-        else:
-            retr = self._retrieve(keys[sem_idx], memory, stride, meter)
+        need = self._knn_need(sem_idx, go_rows, T, N, score_mask, stride) if knn else None
+        retr = self._retrieve(keys[sem_idx], memory, stride, meter, need)
         if retr is not None:
             new_sim[sem_idx] = retr[2].amax(1).to(new_sim.dtype)
             retrieved_ids = torch.full((B, retr[3].size(1), retr[3].size(2)), -1, dtype=torch.long,
@@ -694,9 +730,11 @@ class HMSTModel(nn.Module):
                 hidden = hidden.index_copy(0, sel, hu[src].to(hidden.dtype))
         if knn and retr is not None:
             if N < T:  # the kept positions' queries (token t reads query t // stride)
-                mixed = self._knn_mix(logits[sem_idx], tuple(r[:, kept_q] for r in retr), 1, meter)
+                kept_q = torch.arange(T - N, T, device=dev) // stride
+                mixed = self._knn_mix(logits[sem_idx], tuple(r[:, kept_q] for r in retr), 1, meter,
+                                      None if need is None else need[:, kept_q])
             else:
-                mixed = self._knn_mix(logits[sem_idx], retr, stride, meter)
+                mixed = self._knn_mix(logits[sem_idx], retr, stride, meter, need)
             logits = logits.index_copy(0, sem_idx, mixed.to(logits.dtype))
         if kv is not None:
             kv.length = start + T

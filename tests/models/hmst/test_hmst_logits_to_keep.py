@@ -60,3 +60,24 @@ def test_the_kept_last_position_is_what_the_engine_samples_from():
     kept = run(m, x, EXIT_READ, 1, True).logits[:, -1]
     bare = run(plain, x, EXIT_READ, 1, True).logits[:, -1]
     assert not torch.allclose(kept, bare, atol=1e-4)  # the kNN mix was applied at the kept position
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_score_mask_keeps_the_scored_logits_of_a_row_that_exits(stride):
+    m = build(stride)
+    x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[0, 5:8] = True
+    mask[1, -1] = True
+    with torch.no_grad():
+        full = m.model(x, memory=m.semantic, gate_mode="schedule", schedule=EXIT_READ, return_exit_logits=True)
+        part = m.model(x, memory=m.semantic, gate_mode="schedule", schedule=EXIT_READ, return_exit_logits=True,
+                       score_mask=mask)
+    assert torch.allclose(part.logits[mask], full.logits[mask], atol=1e-5)  # scored: the kNN-LM output as ever
+    need = {(r, t // stride) for r, t in mask.nonzero().tolist()}
+    # a position whose query was not searched has the exit head's distribution alone
+    alone = torch.tensor([[(r, t // stride) not in need for t in range(T)] for r in range(2)])
+    assert alone.any()
+    assert torch.allclose(part.logits[alone], torch.log_softmax(part.exit_logits[alone], -1), atol=1e-5)
+    assert not torch.allclose(full.logits[alone], part.logits[alone], atol=1e-3)  # where the full forward mixed
+    assert part.compute.counts[FAISS_QUERIES] == len(need) < full.compute.counts[FAISS_QUERIES]
