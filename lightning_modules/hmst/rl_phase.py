@@ -6,8 +6,11 @@
 1. runs the frozen model on the batch with gates *sampled from the current policy*
    (no gradient), timing the forward;
 2. scores every row: quality = the log-likelihood gain of the path taken over the early-exit
-   head (nats per token; 0 for a row that exits), compute = the metered cost of that row's
-   gates as a fraction of all gates on (see :class:`RowCost`), latency = the forward's
+   head (nats per target token: with the kNN-LM output, a row that exits gains what memory
+   adds to the exit head, else 0), compute = the metered cost of that row's gates as a
+   fraction of all gates on (see :class:`RowCost`; the forward gets the targets as its
+   ``score_mask``, so a row that exits searches memory only where it is scored, as the engine's
+   prefill searches only for the position it samples from), latency = the forward's
    measured seconds shared out over the rows in proportion to their metered compute (one
    batched forward has no per-row clock; the shares sum to the measured time), and, when
    ``lambda_calibration`` > 0, calibration on the rows whose verify gate fired (see
@@ -36,13 +39,14 @@ IGNORE_INDEX = -100
 ALL_ON = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 1.0, "expert_bias": 0.0}
 
 
-def _forward_cost(module, x, state, schedule) -> float:
+def _forward_cost(module, x, state, schedule, score_mask=None) -> float:
     """Metered compute of one forward with a fixed (0/1) schedule: the model's own meter when
     it returns one, else torch FLOPs counted by FlopCounterMode."""
     meter = ComputeMeter()
+    kw = {} if score_mask is None else {"score_mask": score_mask}
     with torch.no_grad():
         with meter.measure("forward"):
-            out = module(x, state=state, gate_mode="schedule", schedule=schedule, return_exit_logits=False)
+            out = module(x, state=state, gate_mode="schedule", schedule=schedule, return_exit_logits=False, **kw)
     return output_compute(out, meter)
 
 
@@ -72,7 +76,10 @@ class RowCost:
     ``row = exit_path + semantic * search + (1 - exit) * (upper - (1 - semantic) * semantic_cost
     - (1 - episodic) * episodic_cost) + verify * critic``, each term measured on the same batch.
     ``search`` is what the semantic gate costs a row that exits (the FAISS search and the kNN-LM
-    output when ``mem_knn_lambda`` > 0; else 0, an exiting row reads nothing), ``semantic_cost``
+    output when ``mem_knn_lambda`` > 0; else 0, an exiting row reads nothing) when it searches
+    for every position; with a score mask (the forward's ``score_mask``: only the positions with
+    targets are scored) it searches only the queries those positions read, and its cost is
+    ``queries * query_cost + knn_output_flops(queries, T)`` (``rows(..., queries=)``), ``semantic_cost``
     what it adds on a row that runs on (the reader); ``all_on`` is the cost of a row with every
     gate on (no exit, both reads, verification).
     """
@@ -83,6 +90,9 @@ class RowCost:
     episodic: float
     critic: float
     search: float = 0.0
+    query_cost: float = 0.0  # one FAISS query's FLOP-equivalents
+    knn_flops: object = None  # (queries, positions) -> FLOPs of the kNN-LM output (the model's own formula)
+    positions: int = 0  # T of the measured rows
 
     @classmethod
     def measure(cls, module, x, state=None) -> "RowCost":
@@ -95,19 +105,39 @@ class RowCost:
         no_ep = _forward_cost(module, x, state, {**base, "episodic": 0.0})
         critic = critic_call_cost(module.model.critic, module.config.critic_max_len)
         search = max(0.0, exit_sem - exit_bare)
+        sem, model = module.semantic, module.model
+        q_cost = sem.query_cost(model.cfg.mem_top_k) if hasattr(sem, "query_cost") else 0.0
+        knn = model.knn_output_flops if model.cfg.mem_knn_lambda > 0 else None
         return cls(exit_path=exit_bare / b, upper=(full - exit_sem) / b,
                    semantic=max(0.0, full - no_sem - search) / b, episodic=max(0.0, full - no_ep) / b,
-                   critic=critic, search=search / b)
+                   critic=critic, search=search / b, query_cost=q_cost, knn_flops=knn, positions=x.size(1))
 
     @property
     def all_on(self) -> float:
         return self.exit_path + self.search + self.upper + self.critic
 
-    def rows(self, exit, episodic, semantic, verify) -> torch.Tensor:
-        """[B] FLOP-equivalents of each row's gates."""
+    def rows(self, exit, episodic, semantic, verify, queries=None) -> torch.Tensor:
+        """[B] FLOP-equivalents of each row's gates. ``queries`` [B]: the searches a row that
+        exits makes under the forward's score mask (:func:`exit_row_queries`); None = every position's."""
         cont = 1.0 - exit.float()
         upper = self.upper - (1 - semantic.float()) * self.semantic - (1 - episodic.float()) * self.episodic
-        return self.exit_path + semantic.float() * self.search + cont * upper + verify.float() * self.critic
+        search = torch.as_tensor(self.search)
+        if queries is not None and self.knn_flops is not None:
+            q = queries.float()
+            exit_search = q * self.query_cost + self.knn_flops(q, self.positions)
+            # a row that runs on searches every position: the difference is in its upper term
+            search = exit.float() * exit_search + cont * self.search
+        return self.exit_path + semantic.float() * search + cont * upper + verify.float() * self.critic
+
+
+def exit_row_queries(model, score_mask: torch.Tensor) -> torch.Tensor:
+    """[B] the memory queries a row that exits makes when only ``score_mask``'s positions are scored."""
+    B, T = score_mask.shape
+    rows = torch.arange(B, device=score_mask.device)
+    need = model._knn_need(rows, torch.zeros(B, dtype=torch.bool, device=score_mask.device), T, T, score_mask,
+                           max(1, model.cfg.mem_query_stride))
+    nq = (T + max(1, model.cfg.mem_query_stride) - 1) // max(1, model.cfg.mem_query_stride)
+    return torch.full((B,), nq, device=score_mask.device) if need is None else need.sum(1)
 
 
 class RLPhase:
@@ -145,7 +175,8 @@ class RLPhase:
             return (ce * valid).sum(1) / n
 
         quality = row_nll(out.exit_logits) - row_nll(out.logits)  # 0 for rows that exited
-        flops = self.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify)
+        # a row that exits searched memory only for its scored positions (the forward's score_mask)
+        flops = self.row_cost.rows(d.exit, d.episodic, d.semantic, d.verify, exit_row_queries(module.model, valid > 0))
         compute = flops / self.row_cost.all_on
         latency = seconds * flops / flops.sum().clamp_min(1e-12)
         calibration = self.row_calibration(module, x, y, out) if self.reward.lambda_calibration else None
@@ -195,7 +226,8 @@ class RLPhase:
             self.rollout = start_rollout(controller)
         with torch.no_grad():
             t0 = time.perf_counter()
-            out = module(x, state=module.carried_state, gate_mode="sample", return_exit_logits=True)
+            out = module(x, state=module.carried_state, gate_mode="sample", return_exit_logits=True,
+                         score_mask=y != IGNORE_INDEX)
             seconds = time.perf_counter() - t0
         module.carried_state = module.detach_state(out.state)
         module.last_gate_decision = out.decision  # the sampled policy, for GateHistograms

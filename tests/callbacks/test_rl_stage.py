@@ -11,7 +11,7 @@ from memlm.callbacks.rl_stage import RLStage, load_stage_checkpoint
 from memlm.core.errors import MemLMError
 from memlm.core.meter import ComputeMeter
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel
-from memlm.lightning_modules.hmst.rl_phase import RowCost, _forward_cost
+from memlm.lightning_modules.hmst.rl_phase import RowCost, _forward_cost, exit_row_queries
 
 V, T, B = 64, 16, 4
 SIZES = dict(vocab_size=V, block_size=T, n_layer=2, n_head=2, d_model=16, d_ff=16, n_experts=2, top_k=1, exit_layer=1,
@@ -128,6 +128,31 @@ def test_reward_compute_term_is_the_meter_count(tmp_path, knn):
         m.model.critic(q, q, q, pad_id=-1)
     assert (cost.rows(on[:1] * 0, on[:1], on[:1], on[:1]) - cost.rows(on[:1] * 0, on[:1], on[:1], on[:1] * 0)).item() \
         == pytest.approx(meter.total())
+
+
+def test_reward_compute_with_a_score_mask_is_the_meter_count(tmp_path):
+    """Rows scored only on some targets (an answer span): a row that exits searches memory only
+    for those, and its cost in the reward is still exactly what the forward's meter counted."""
+    m = module(mem_value="next_token", mem_knn_lambda=0.5, mem_query_stride=2)
+    m.eval()
+    fill_memory(m)
+    x = torch.stack([b["input_ids"] for b in batches(B)])
+    T = x.size(1)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for r in range(B):  # a different answer span per row, one row scored everywhere
+        mask[r, T - 3 - r:] = True
+    mask[0] = True
+    cost = RowCost.measure(m, x)
+    q = exit_row_queries(m.model, mask)
+    assert q[0] == (T + 1) // 2 and (q[1:] < q[0]).all()
+    on = torch.ones(B)
+    patterns = [({"exit": 1.0}, (on, on, on)), ({}, (on * 0, on, on)), ({"exit": 1.0, "semantic": 0.0}, (on, on, on * 0))]
+    for sched, (exit_, ep, sem) in patterns:
+        s = {"exit": 0.0, "episodic": 1.0, "semantic": 1.0, "verify": 0.0, **sched}
+        metered = _forward_cost(m, x, None, s, score_mask=mask)
+        assert cost.rows(exit_, ep, sem, on * 0, q).sum().item() == pytest.approx(metered, rel=1e-6)
+    full_mask_cost = cost.rows(on, on, on, on * 0).sum()
+    assert cost.rows(on, on, on, on * 0, q).sum() < full_mask_cost  # exiting rows scored on a span search less
 
 
 def test_stage3_checkpoint_errors(tmp_path):
