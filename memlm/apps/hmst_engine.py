@@ -11,11 +11,11 @@ One call, :meth:`HMSTInferenceEngine.answer`:
 4. generate with the chosen exit, memory reads and expert bias held fixed for the whole
    answer (the model's KV-cache path, the forward it trains with);
 5. verify when the verify gate fired (``verify: gate``), always or never: the memory is
-   searched again with the memory key at the end of the draft (``evidence: draft``; the key
-   of "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed value, while
+   searched again with the memory key of each draft token (``evidence: draft``; the key of
+   "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed value, while
    the prompt's key, which ends before the answer, finds items whose text stops where the
-   answer begins), and the critic scores the answer against those texts and the prompt's
-   (metered as FAISS queries and a critic call). Below ``threshold``,
+   answer begins), the best ``retrieve_k`` items are the evidence, and the critic scores the
+   answer against those texts and the prompt's (metered as FAISS queries and a critic call). Below ``threshold``,
    retrieve twice as much with the semantic read forced on and regenerate (``max_retries``
    times), then abstain with :attr:`EngineConfig.abstain_message`.
 
@@ -50,7 +50,7 @@ class EngineConfig:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     retry_temperature: float = 0.0  # 0: a retry differs only by what it retrieved
-    evidence: str = "draft"  # what the critic checks against: items found from the draft's end, or the prompt's only
+    evidence: str = "draft"  # what the critic checks against: items found with the draft tokens' keys, or the prompt's only
     seed: int = 0
     abstain_message: str = "I don't know: I could not verify an answer against my memory."
 
@@ -159,6 +159,23 @@ class HMSTInferenceEngine:
         texts = sem.get_texts(torch.tensor(ids))
         return [{"id": int(i), "score": round(float(s), 6), "text": t} for i, s, t in zip(ids, scores, texts) if i >= 0]
 
+    def _evidence(self, keys: torch.Tensor, k: int, meter: ComputeMeter) -> list[dict]:
+        """The ``k`` best items found with the keys of the draft's tokens ([n, D], one metered
+        query each): the key that ends on the claimed value ("...Dridri is 80") finds the fact
+        that holds it, wherever in the draft the value ends ("80 years old")."""
+        sem = self.module.semantic
+        if len(sem) == 0:
+            return []
+        res = sem.search(keys.float().reshape(keys.size(0), -1), k)
+        meter.add(FAISS_QUERIES, keys.size(0), sem.query_cost(k) if hasattr(sem, "query_cost") else 0.0)
+        best: dict[int, float] = {}
+        for i, sc in zip(res.ids.reshape(-1).tolist(), res.scores.reshape(-1).tolist()):
+            if i >= 0 and sc > best.get(i, float("-inf")):
+                best[i] = sc
+        top = sorted(best.items(), key=lambda t: -t[1])[:k]
+        texts = sem.get_texts(torch.tensor([i for i, _ in top], dtype=torch.long)) if top else []
+        return [{"id": int(i), "score": round(float(sc), 6), "text": t} for (i, sc), t in zip(top, texts)]
+
     def critic_cost(self) -> float:
         if self._critic_cost is None:
             from memlm.lightning_modules.hmst.rl_phase import critic_call_cost
@@ -191,7 +208,7 @@ class HMSTInferenceEngine:
             out = self._forward(ids, self.model.init_state(1, ids.device, use_cache=True), meter, decision=decision,
                                 logits_to_keep=1)
         retrieved = self._retrieve(out.mem_keys[0, -1], k, meter)
-        draft_key = out.mem_keys[0, -1]
+        draft_keys = []  # the memory key at each draft token fed back
         gen = torch.Generator(device=ids.device).manual_seed(self.cfg.seed)
         new: list[int] = []
         state, logits = out.state, out.logits[:, -1]
@@ -207,10 +224,11 @@ class HMSTInferenceEngine:
                 break
             out = self._forward(nxt.view(1, 1), state, meter, decision=decision)
             state, logits = out.state, out.logits[:, -1]
-            draft_key = out.mem_keys[0, -1]  # the key at the last token of the draft fed back
+            draft_keys.append(out.mem_keys[0, -1])
         for s in self.cfg.stop:
             text = text.split(s)[0]
-        return decision, retrieved, text.strip(), draft_key
+        keys = torch.stack(draft_keys) if draft_keys else out.mem_keys[0, -1:]
+        return decision, retrieved, text.strip(), keys
 
     # -- the call ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -239,9 +257,9 @@ class HMSTInferenceEngine:
                                    eos_id=params.eos_id, seed=cfg.seed + attempt)
                 if attempt:
                     self.model.cfg.mem_top_k = max(top_k, k)  # the reader sees the wider retrieval too
-                decision, retrieved, text, draft_key = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
+                decision, retrieved, text, draft_keys = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
                 run_critic = cfg.verify == "always" or (cfg.verify == "gate" and bool(decision.verify[0] > 0.5))
-                evidence = self._retrieve(draft_key, k, meter) if run_critic and cfg.evidence == "draft" else []
+                evidence = self._evidence(draft_keys, k, meter) if run_critic and cfg.evidence == "draft" else []
                 score = self.score(query_ids, text, evidence + retrieved, meter) if run_critic else None
                 accepted = score is None or score >= cfg.threshold
                 attempts.append(Attempt(

@@ -120,14 +120,19 @@ def test_the_critic_checks_the_draft_against_evidence_found_from_its_end(monkeyp
         assert len(keys) == 1 and a.evidence == []
         assert facts_text == a.retrieved[0]["text"]
         return
-    prompt_key, draft_key = keys
-    assert torch.equal(draft_key, last_keys[-1]) and not torch.equal(draft_key, prompt_key)
-    assert [e["id"] for e in a.evidence] == m.semantic.search(draft_key.float().view(1, -1), 1).ids[0].tolist()
+    prompt_key, draft_keys = keys[0], torch.stack(last_keys[1:])  # the prefill's, then each draft token's
+    assert len(keys) == 1  # the evidence search does not go through the prompt's retrieval
+    # the evidence: the best item over the searches with every draft token's key
+    found = m.semantic.search(draft_keys.float(), 1)
+    want = found.ids.view(-1)[found.scores.view(-1).argmax()].item()
+    assert [e["id"] for e in a.evidence] == [want]
+    assert torch.equal(last_keys[0], prompt_key) and not torch.equal(draft_keys[-1], prompt_key)
     texts = list(dict.fromkeys([a.evidence[0]["text"], a.retrieved[0]["text"]]))
     assert facts_text == " ".join(texts)
-    # the evidence search is metered: one FAISS query more than the same answer without it
+    # the evidence search is metered: one FAISS query per draft token more than without it
     plain = HMSTInferenceEngine(m, EngineConfig(verify="gate", max_new_tokens=4, retrieve_k=1, evidence="prompt"))
-    assert res.compute["counts"]["faiss_queries"] == plain.answer("Q: What is the capital of Zorbia?\nA:").compute["counts"]["faiss_queries"] + 1
+    without = plain.answer("Q: What is the capital of Zorbia?\nA:").compute["counts"]["faiss_queries"]
+    assert res.compute["counts"]["faiss_queries"] == without + len(draft_keys)
 
 
 def test_memory_operations_and_errors():
