@@ -11,7 +11,14 @@ For each fact ``f`` (``datamodules/facts.py``) with a distractor fact ``d`` of a
     second distractor): nothing given supports the claim.
 
 Numbers get ``wrong_number``; the other facts alternate ``swapped_entity`` and
-``unsupported``. The order of the facts in the context is random. Training triples use the
+``unsupported``. Two options make the triples look like a cloze-prompted model's answers:
+
+- ``response="statement"``: a response is the rest of the statement after its cloze, as
+  the model completes "Zorbia is" ("34 years old", not "34"); ``"value"`` (default) is the
+  bare value;
+- ``same_relation_swaps=True``: the ``swapped_entity`` value comes from another subject's
+  fact of the same relation (the confusion a reader actually makes: another capital, not a
+  colour), and that fact is the context's distractor. The order of the facts in the context is random. Training triples use the
 ``train`` split of names and validation the held-out ``eval`` split, so no entity of the
 validation set was seen in training. Everything is a pure function of (n_facts, seed, split).
 """
@@ -46,12 +53,25 @@ def _wrong_number(value: str, rng: np.random.Generator) -> str:
     return str(v - delta if rng.random() < 0.5 and v - delta >= 0 else v + delta)
 
 
-def make_critic_examples(n_facts: int, seed: int, split: str = "train") -> list[CriticExample]:
+def _statement_rest(f: Fact, value: str) -> str:
+    """What follows ``f``'s cloze when its statement holds ``value`` ("34 years old")."""
+    text = RELATIONS[f.relation][0].format(s=f.subject, v=value)
+    return text[len(f.cloze):].strip().rstrip(".").strip()
+
+
+def make_critic_examples(n_facts: int, seed: int, split: str = "train", response: str = "value",
+                         same_relation_swaps: bool = False) -> list[CriticExample]:
     """Two triples per fact (one correct, one corrupted); see the module docstring."""
     if n_facts < 3:
         raise MemLMError(f"critic data needs at least 3 facts (a fact and two distractors), got {n_facts}")
+    if response not in ("value", "statement"):
+        raise MemLMError(f"critic data response must be 'value' or 'statement', got {response!r}")
     facts = make_facts(n_facts, seed, split)
     rng = np.random.default_rng([int(seed), 7, 0 if split == "train" else 1])
+    say = (lambda f, v: _statement_rest(f, v)) if response == "statement" else (lambda f, v: v)
+    by_relation: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        by_relation.setdefault(f.relation, []).append(i)
     out: list[CriticExample] = []
     alternate = 0
     for i, f in enumerate(facts):
@@ -59,14 +79,20 @@ def make_critic_examples(n_facts: int, seed: int, split: str = "train") -> list[
         j, k = rng.choice(others, size=2, replace=False)
         d, e = facts[int(j)], facts[int(k)]
         context = [f.text, d.text] if rng.random() < 0.5 else [d.text, f.text]
-        out.append(CriticExample(f.question, f.value, " ".join(context), 1, "correct"))
+        out.append(CriticExample(f.question, say(f, f.value), " ".join(context), 1, "correct"))
         if RELATIONS[f.relation][2] == "number":
-            out.append(CriticExample(f.question, _wrong_number(f.value, rng), " ".join(context), 0, "wrong_number"))
-        elif alternate % 2 == 0 and d.value != f.value:
-            out.append(CriticExample(f.question, d.value, " ".join(context), 0, "swapped_entity"))
+            out.append(CriticExample(f.question, say(f, _wrong_number(f.value, rng)), " ".join(context), 0, "wrong_number"))
+            continue
+        if alternate % 2 == 0 and same_relation_swaps:
+            peers = [p for p in by_relation[f.relation] if p != i and facts[p].value != f.value]
+            if peers:
+                d = facts[int(rng.choice(peers))]
+                context = [f.text, d.text] if rng.random() < 0.5 else [d.text, f.text]
+        if alternate % 2 == 0 and d.value != f.value:
+            out.append(CriticExample(f.question, say(f, d.value), " ".join(context), 0, "swapped_entity"))
             alternate += 1
         else:
-            out.append(CriticExample(f.question, f.value, " ".join([d.text, e.text]), 0, "unsupported"))
+            out.append(CriticExample(f.question, say(f, f.value), " ".join([d.text, e.text]), 0, "unsupported"))
             alternate += 1
     return out
 

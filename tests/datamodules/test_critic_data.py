@@ -59,3 +59,27 @@ def test_encoding_pads_each_part_with_the_pad_id():
         assert tok.decode(row[:n].tolist()) == " " + x.response and (row[n:] == -1).all()
         assert tok.decode([t for t in batch["fact_ids"][i].tolist() if t >= 0]) == x.facts
     assert batch["query_ids"].dtype == torch.long
+
+
+def test_statement_responses_and_same_relation_swaps():
+    plain = make_critic_examples(60, 3, "train")
+    ex = make_critic_examples(60, 3, "train", response="statement", same_relation_swaps=True)
+    facts = {f.question: f for f in make_facts(60, 3, "train")}
+    assert len(ex) == len(plain)
+    saw_age = saw_swap = 0
+    for x in ex:
+        f = facts[x.query]
+        if x.kind == "correct" and f.relation == "age":  # the statement's rest, as a cloze is completed
+            assert x.response == f"{f.value} years old" and x.label == 1
+            saw_age += 1
+        if x.kind == "wrong_number":
+            assert x.response.endswith(" years old") and x.response.split()[0] != f.value
+        if x.kind == "swapped_entity":  # another subject's value of the same relation, in the context
+            other = [g for g in facts.values() if g.relation == f.relation and g.value == x.response and g is not f]
+            assert other and other[0].text in x.facts and f.text in x.facts
+            saw_swap += 1
+    assert saw_age and saw_swap
+    # the bare-value default differs only in the responses' form
+    assert [x.kind for x in plain if x.kind != "swapped_entity"] == [x.kind for x in ex if x.kind != "swapped_entity"]
+    with pytest.raises(MemLMError):
+        make_critic_examples(10, 0, "train", response="essay")
