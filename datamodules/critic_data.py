@@ -122,13 +122,17 @@ class CriticDataModule(L.LightningDataModule):
     and vocab_size as the run that trained the checkpoint), so the ids mean what the model learned."""
 
     def __init__(self, n_train_facts: int = 2000, n_val_facts: int = 300, seed: int = 1234, batch_size: int = 32,
-                 source: str = "builtin", tokenizer: str = "bpe", vocab_size: int = 2048, cache_dir: str | None = None):
+                 source: str = "builtin", tokenizer: str = "bpe", vocab_size: int = 2048, cache_dir: str | None = None,
+                 response: str = "value", same_relation_swaps: bool = False):
         super().__init__()
         require_positive("data", n_train_facts=n_train_facts, n_val_facts=n_val_facts, batch_size=batch_size)
         from memlm.datamodules.text import TextDataModule
 
         self._text = TextDataModule(source=source, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir)
         self.n_train_facts, self.n_val_facts, self.seed, self.batch_size = n_train_facts, n_val_facts, seed, batch_size
+        if response not in ("value", "statement"):
+            raise MemLMError(f"data.response must be 'value' or 'statement', got {response!r}")
+        self.response, self.same_relation_swaps = response, bool(same_relation_swaps)
         self._examples: dict[str, list[CriticExample]] = {}
 
     @property
@@ -146,7 +150,7 @@ class CriticDataModule(L.LightningDataModule):
     def examples(self, split: str) -> list[CriticExample]:
         if split not in self._examples:
             n = self.n_train_facts if split == "train" else self.n_val_facts
-            self._examples[split] = make_critic_examples(n, self.seed, split)
+            self._examples[split] = make_critic_examples(n, self.seed, split, self.response, self.same_relation_swaps)
         return self._examples[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
