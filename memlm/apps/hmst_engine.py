@@ -11,10 +11,10 @@ One call, :meth:`HMSTInferenceEngine.answer`:
 4. generate with the chosen exit, memory reads and expert bias held fixed for the whole
    answer (the model's KV-cache path, the forward it trains with);
 5. verify when the verify gate fired (``verify: gate``), always or never: the memory is
-   searched again with the memory key of each draft token (``evidence: draft``; the key of
-   "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed value, while
-   the prompt's key, which ends before the answer, finds items whose text stops where the
-   answer begins), the best ``retrieve_k`` items are the evidence, and the critic scores the
+   searched again with the memory key at each word end of the draft (``evidence: draft``;
+   the key of "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed
+   value, while the prompt's key, which ends before the answer, finds items whose text stops
+   where the answer begins), the best item of each is the evidence, and the critic scores the
    answer against those texts and the prompt's (metered as FAISS queries and a critic call). Below ``threshold``,
    retrieve twice as much with the semantic read forced on and regenerate (``max_retries``
    times), then abstain with :attr:`EngineConfig.abstain_message`.
@@ -159,22 +159,20 @@ class HMSTInferenceEngine:
         texts = sem.get_texts(torch.tensor(ids))
         return [{"id": int(i), "score": round(float(s), 6), "text": t} for i, s, t in zip(ids, scores, texts) if i >= 0]
 
-    def _evidence(self, keys: torch.Tensor, k: int, meter: ComputeMeter) -> list[dict]:
-        """The ``k`` best items found with the keys of the draft's tokens ([n, D], one metered
-        query each): the key that ends on the claimed value ("...Dridri is 80") finds the fact
-        that holds it, wherever in the draft the value ends ("80 years old")."""
+    def _evidence(self, keys: torch.Tensor, meter: ComputeMeter) -> list[dict]:
+        """The best item for each word-end key of the draft ([n, D], one metered query each),
+        distinct, in the draft's order: the claimed value comes first in a cloze answer."""
         sem = self.module.semantic
         if len(sem) == 0:
             return []
-        res = sem.search(keys.float().reshape(keys.size(0), -1), k)
-        meter.add(FAISS_QUERIES, keys.size(0), sem.query_cost(k) if hasattr(sem, "query_cost") else 0.0)
-        best: dict[int, float] = {}
-        for i, sc in zip(res.ids.reshape(-1).tolist(), res.scores.reshape(-1).tolist()):
-            if i >= 0 and sc > best.get(i, float("-inf")):
-                best[i] = sc
-        top = sorted(best.items(), key=lambda t: -t[1])[:k]
-        texts = sem.get_texts(torch.tensor([i for i, _ in top], dtype=torch.long)) if top else []
-        return [{"id": int(i), "score": round(float(sc), 6), "text": t} for (i, sc), t in zip(top, texts)]
+        res = sem.search(keys.float().reshape(keys.size(0), -1), 1)
+        meter.add(FAISS_QUERIES, keys.size(0), sem.query_cost(1) if hasattr(sem, "query_cost") else 0.0)
+        top: dict[int, float] = {}
+        for i, sc in zip(res.ids[:, 0].tolist(), res.scores[:, 0].tolist()):
+            if i >= 0 and i not in top:
+                top[i] = sc
+        texts = sem.get_texts(torch.tensor(list(top), dtype=torch.long)) if top else []
+        return [{"id": int(i), "score": round(float(sc), 6), "text": t} for (i, sc), t in zip(top.items(), texts)]
 
     def critic_cost(self) -> float:
         if self._critic_cost is None:
@@ -227,7 +225,12 @@ class HMSTInferenceEngine:
             draft_keys.append(out.mem_keys[0, -1])
         for s in self.cfg.stop:
             text = text.split(s)[0]
-        keys = torch.stack(draft_keys) if draft_keys else out.mem_keys[0, -1:]
+        # the keys at the draft's word ends (a token followed by one that does not continue a
+        # word, or the last one fed): "...Dridri is 80" finds the fact that binds the value to
+        # its subject, while the key inside a word finds items whose text stops mid-word
+        ends = [i for i in range(len(draft_keys))
+                if i == len(draft_keys) - 1 or not self.tok.decode([new[i + 1]])[:1].isalnum()]
+        keys = torch.stack([draft_keys[i] for i in ends]) if ends else out.mem_keys[0, -1:]
         return decision, retrieved, text.strip(), keys
 
     # -- the call ---------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class HMSTInferenceEngine:
                     self.model.cfg.mem_top_k = max(top_k, k)  # the reader sees the wider retrieval too
                 decision, retrieved, text, draft_keys = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
                 run_critic = cfg.verify == "always" or (cfg.verify == "gate" and bool(decision.verify[0] > 0.5))
-                evidence = self._evidence(draft_keys, k, meter) if run_critic and cfg.evidence == "draft" else []
+                evidence = self._evidence(draft_keys, meter) if run_critic and cfg.evidence == "draft" else []
                 score = self.score(query_ids, text, evidence + retrieved, meter) if run_critic else None
                 accepted = score is None or score >= cfg.threshold
                 attempts.append(Attempt(
