@@ -15,7 +15,8 @@ One call, :meth:`HMSTInferenceEngine.answer`:
    the key of "...of Zorbia is Dakebre" finds the stored sentence that holds the claimed
    value, while the prompt's key, which ends before the answer, finds items whose text stops
    where the answer begins), the best item of each is the evidence, and the critic scores the
-   answer against those texts and the prompt's (metered as FAISS queries and a critic call). Below ``threshold``,
+   answer against those texts (the prompt's with ``evidence: prompt``; metered as FAISS
+   queries and a critic call). Below ``threshold``,
    retrieve twice as much with the semantic read forced on and regenerate (``max_retries``
    times), then abstain with :attr:`EngineConfig.abstain_message`.
 
@@ -263,7 +264,9 @@ class HMSTInferenceEngine:
                 decision, retrieved, text, draft_keys = self._generate(x, mode, schedule, attempt > 0, p, meter, k)
                 run_critic = cfg.verify == "always" or (cfg.verify == "gate" and bool(decision.verify[0] > 0.5))
                 evidence = self._evidence(draft_keys, meter) if run_critic and cfg.evidence == "draft" else []
-                score = self.score(query_ids, text, evidence + retrieved, meter) if run_critic else None
+                # with evidence, the prompt's items stay out: their text stops inside the value
+                # ("The capital of Zorbia is D"), which reads as the subject's fact contradicting it
+                score = self.score(query_ids, text, evidence or retrieved, meter) if run_critic else None
                 accepted = score is None or score >= cfg.threshold
                 attempts.append(Attempt(
                     gates={g: bool(getattr(decision, g)[0] > 0.5) for g in ("exit", "episodic", "semantic", "verify")},

@@ -96,7 +96,7 @@ def test_gate_modes_decide_compute():
 @pytest.mark.parametrize("evidence", ["draft", "prompt"])
 def test_the_critic_checks_the_draft_against_evidence_found_from_its_end(monkeypatch, evidence):
     """verify -> memory searched with the key at the draft's last token (not the prompt's) ->
-    the critic reads those texts first, then the prompt's; every search is metered."""
+    the critic reads those texts (the prompt's items only without evidence); every search is metered."""
     m = hmst_module()
     set_policy(m, verify=10.0)
     set_critic(m, 5.0)
@@ -128,7 +128,7 @@ def test_the_critic_checks_the_draft_against_evidence_found_from_its_end(monkeyp
     found = m.semantic.search(draft_keys[ends].float(), 1).ids[:, 0].tolist()
     assert [e["id"] for e in a.evidence] == list(dict.fromkeys(found))
     assert torch.equal(last_keys[0], prompt_key) and not torch.equal(draft_keys[-1], prompt_key)
-    texts = list(dict.fromkeys([e["text"] for e in a.evidence] + [a.retrieved[0]["text"]]))
+    texts = list(dict.fromkeys(e["text"] for e in a.evidence))  # the evidence alone
     assert facts_text == " ".join(texts)
     # the evidence search is metered: one FAISS query per word end of the draft more than without it
     plain = HMSTInferenceEngine(m, EngineConfig(verify="gate", max_new_tokens=4, retrieve_k=1, evidence="prompt"))
