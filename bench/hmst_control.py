@@ -51,6 +51,9 @@ from memlm.datamodules.facts import make_facts  # noqa: E402
 from memlm.lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
 
 BLOCK = 128
+# stage-4 triples shaped like the engine's answers: the statement's rest after the cloze
+# ("34 years old"), and swapped values from the same relation (another capital, not a colour)
+CRITIC_DATA = {"response": "statement", "same_relation_swaps": True}
 
 
 def qa_line(f, d) -> str:
@@ -146,7 +149,7 @@ def stage3(ckpt: str, tok, train_facts, lam: float, steps: int, seed: int,
 def critic_metrics(m, tok, facts_n: int, seed: int) -> dict:
     from torchmetrics.classification import BinaryAUROC, BinaryCalibrationError
 
-    ex = make_critic_examples(facts_n, seed, "eval")
+    ex = make_critic_examples(facts_n, seed, "eval", **CRITIC_DATA)
     b = encode_examples(ex, tok, tok.pad_id)
     with torch.no_grad():
         p = m.model.critic(b["query_ids"], b["response_ids"], b["fact_ids"], pad_id=tok.pad_id).p_correct
@@ -158,7 +161,7 @@ def critic_metrics(m, tok, facts_n: int, seed: int) -> dict:
 def stage4(ckpt: str, tok, steps: int, n_facts: int, seed: int) -> HMSTLanguageModel:
     m = build(tok, seed)
     m.optimizer_config = type(m.optimizer_config)(learning_rate=1e-3, weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1)
-    ex = make_critic_examples(n_facts, seed, "train")
+    ex = make_critic_examples(n_facts, seed, "train", **CRITIC_DATA)
     data = DataLoader(ex, batch_size=32, shuffle=True, collate_fn=lambda xs: encode_examples(xs, tok, tok.pad_id),
                       generator=torch.Generator().manual_seed(seed))
     trainer(steps, [CriticStage(init_checkpoint=ckpt)]).fit(m, train_dataloaders=data)
@@ -228,7 +231,7 @@ def main() -> int:
                         "steps and seed) is reused")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    s1, s3, s4, n_eval = (150, 40, 150, 40) if args.quick else (1500, 40, 800, 200)
+    s1, s3, s4, n_eval = (150, 40, 400, 40) if args.quick else (1500, 40, 800, 200)
     s1 = args.stage1_steps or s1
     train_facts = make_facts(400 if args.quick else 2000, args.seed, "train")
     eval_facts = make_facts(n_eval, args.seed, "eval")
@@ -274,13 +277,13 @@ def main() -> int:
     for m in [*models.values(), crit, base]:
         m.eval()
         knowledge_base(m, rl_facts + eval_facts)  # the training questions' facts stay, as distractors
-    never = dict(verify="never", max_new_tokens=12, threshold=args.threshold, stop=STOP)
+    never = dict(verify="never", max_new_tokens=16, threshold=args.threshold, stop=STOP)
     rows = {
         "all_on": evaluate(base, eval_facts, EngineConfig(gate_mode="all_on", **never), show=5),
         "schedule": evaluate(base, eval_facts, EngineConfig(gate_mode="schedule", **never)),
         "controller": evaluate(ctl, eval_facts, EngineConfig(gate_mode="controller", **never)),
         "controller_critic": evaluate(crit, eval_facts, EngineConfig(gate_mode="controller", verify="always",
-                                                                     max_retries=1, max_new_tokens=12,
+                                                                     max_retries=1, max_new_tokens=16,
                                                                      threshold=args.threshold, stop=STOP)),
     }
     # the cheapest pattern that still reads memory, fixed: what the controller can be compared with
