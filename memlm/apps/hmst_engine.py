@@ -78,7 +78,7 @@ class Attempt:
     verified: bool  # the critic ran
     critic_score: float | None
     accepted: bool
-    evidence: list = field(default_factory=list)  # items found from the draft's end (when verified)
+    evidence: list = field(default_factory=list)  # the best item of each word-end key of the draft (when verified)
 
 
 @dataclass
