@@ -52,8 +52,9 @@ from memlm.lightning_modules.hmst.module import HMSTLanguageModel  # noqa: E402
 
 BLOCK = 128
 # stage-4 triples shaped like the engine's answers: the statement's rest after the cloze
-# ("34 years old"), and swapped values from the same relation (another capital, not a colour)
-CRITIC_DATA = {"response": "statement", "same_relation_swaps": True}
+# ("34 years old"), swapped values from the same relation (another capital, not a colour), and
+# half the contexts one fact alone (the engine's evidence is often a single item)
+CRITIC_DATA = {"response": "statement", "same_relation_swaps": True, "single_fact": 0.5}
 
 
 def qa_line(f, d) -> str:

@@ -18,7 +18,10 @@ Numbers get ``wrong_number``; the other facts alternate ``swapped_entity`` and
   bare value;
 - ``same_relation_swaps=True``: the ``swapped_entity`` value comes from another subject's
   fact of the same relation (the confusion a reader actually makes: another capital, not a
-  colour), and that fact is the context's distractor. The order of the facts in the context is random. Training triples use the
+  colour), and that fact is the context's distractor;
+- ``single_fact=p``: with probability p a triple's context is one fact alone (the subject's
+  for ``correct`` and ``wrong_number``, the other subject's for the rest), as a verifier that
+  retrieves one item per claim sees it. The order of the facts in the context is random. Training triples use the
 ``train`` split of names and validation the held-out ``eval`` split, so no entity of the
 validation set was seen in training. Everything is a pure function of (n_facts, seed, split).
 """
@@ -60,18 +63,25 @@ def _statement_rest(f: Fact, value: str) -> str:
 
 
 def make_critic_examples(n_facts: int, seed: int, split: str = "train", response: str = "value",
-                         same_relation_swaps: bool = False) -> list[CriticExample]:
+                         same_relation_swaps: bool = False, single_fact: float = 0.0) -> list[CriticExample]:
     """Two triples per fact (one correct, one corrupted); see the module docstring."""
     if n_facts < 3:
         raise MemLMError(f"critic data needs at least 3 facts (a fact and two distractors), got {n_facts}")
     if response not in ("value", "statement"):
         raise MemLMError(f"critic data response must be 'value' or 'statement', got {response!r}")
+    if not 0.0 <= single_fact <= 1.0:
+        raise MemLMError(f"critic data single_fact must be in [0, 1], got {single_fact}")
     facts = make_facts(n_facts, seed, split)
     rng = np.random.default_rng([int(seed), 7, 0 if split == "train" else 1])
     say = (lambda f, v: _statement_rest(f, v)) if response == "statement" else (lambda f, v: v)
     by_relation: dict[str, list[int]] = {}
     for i, f in enumerate(facts):
         by_relation.setdefault(f.relation, []).append(i)
+    one = np.random.default_rng([int(seed), 11, 0 if split == "train" else 1])  # its own stream: the rest is unchanged
+
+    def ctx(pair: list[str], alone: str) -> str:
+        return alone if single_fact > 0 and one.random() < single_fact else " ".join(pair)
+
     out: list[CriticExample] = []
     alternate = 0
     for i, f in enumerate(facts):
@@ -79,9 +89,9 @@ def make_critic_examples(n_facts: int, seed: int, split: str = "train", response
         j, k = rng.choice(others, size=2, replace=False)
         d, e = facts[int(j)], facts[int(k)]
         context = [f.text, d.text] if rng.random() < 0.5 else [d.text, f.text]
-        out.append(CriticExample(f.question, say(f, f.value), " ".join(context), 1, "correct"))
+        out.append(CriticExample(f.question, say(f, f.value), ctx(context, f.text), 1, "correct"))
         if RELATIONS[f.relation][2] == "number":
-            out.append(CriticExample(f.question, say(f, _wrong_number(f.value, rng)), " ".join(context), 0, "wrong_number"))
+            out.append(CriticExample(f.question, say(f, _wrong_number(f.value, rng)), ctx(context, f.text), 0, "wrong_number"))
             continue
         if alternate % 2 == 0 and same_relation_swaps:
             peers = [p for p in by_relation[f.relation] if p != i and facts[p].value != f.value]
@@ -89,10 +99,10 @@ def make_critic_examples(n_facts: int, seed: int, split: str = "train", response
                 d = facts[int(rng.choice(peers))]
                 context = [f.text, d.text] if rng.random() < 0.5 else [d.text, f.text]
         if alternate % 2 == 0 and d.value != f.value:
-            out.append(CriticExample(f.question, say(f, d.value), " ".join(context), 0, "swapped_entity"))
+            out.append(CriticExample(f.question, say(f, d.value), ctx(context, d.text), 0, "swapped_entity"))
             alternate += 1
         else:
-            out.append(CriticExample(f.question, say(f, f.value), " ".join([d.text, e.text]), 0, "unsupported"))
+            out.append(CriticExample(f.question, say(f, f.value), ctx([d.text, e.text], d.text), 0, "unsupported"))
             alternate += 1
     return out
 
@@ -123,7 +133,7 @@ class CriticDataModule(L.LightningDataModule):
 
     def __init__(self, n_train_facts: int = 2000, n_val_facts: int = 300, seed: int = 1234, batch_size: int = 32,
                  source: str = "builtin", tokenizer: str = "bpe", vocab_size: int = 2048, cache_dir: str | None = None,
-                 response: str = "value", same_relation_swaps: bool = False):
+                 response: str = "value", same_relation_swaps: bool = False, single_fact: float = 0.0):
         super().__init__()
         require_positive("data", n_train_facts=n_train_facts, n_val_facts=n_val_facts, batch_size=batch_size)
         from memlm.datamodules.text import TextDataModule
@@ -132,7 +142,9 @@ class CriticDataModule(L.LightningDataModule):
         self.n_train_facts, self.n_val_facts, self.seed, self.batch_size = n_train_facts, n_val_facts, seed, batch_size
         if response not in ("value", "statement"):
             raise MemLMError(f"data.response must be 'value' or 'statement', got {response!r}")
-        self.response, self.same_relation_swaps = response, bool(same_relation_swaps)
+        if not 0.0 <= single_fact <= 1.0:
+            raise MemLMError(f"data.single_fact must be in [0, 1], got {single_fact}")
+        self.response, self.same_relation_swaps, self.single_fact = response, bool(same_relation_swaps), float(single_fact)
         self._examples: dict[str, list[CriticExample]] = {}
 
     @property
@@ -150,7 +162,8 @@ class CriticDataModule(L.LightningDataModule):
     def examples(self, split: str) -> list[CriticExample]:
         if split not in self._examples:
             n = self.n_train_facts if split == "train" else self.n_val_facts
-            self._examples[split] = make_critic_examples(n, self.seed, split, self.response, self.same_relation_swaps)
+            self._examples[split] = make_critic_examples(n, self.seed, split, self.response, self.same_relation_swaps,
+                                                         self.single_fact)
         return self._examples[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

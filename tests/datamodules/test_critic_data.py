@@ -83,3 +83,23 @@ def test_statement_responses_and_same_relation_swaps():
     assert [x.kind for x in plain if x.kind != "swapped_entity"] == [x.kind for x in ex if x.kind != "swapped_entity"]
     with pytest.raises(MemLMError):
         make_critic_examples(10, 0, "train", response="essay")
+
+
+def test_single_fact_contexts():
+    facts = {f.question: f for f in make_facts(80, 4, "train")}
+    base = make_critic_examples(80, 4, "train")
+    ex = make_critic_examples(80, 4, "train", single_fact=0.5)
+    assert [(x.query, x.response, x.label, x.kind) for x in ex] == [(x.query, x.response, x.label, x.kind) for x in base]
+    alone = [x for x in ex if x.facts.count(".") == 1]
+    assert 0.3 * len(ex) < len(alone) < 0.7 * len(ex)
+    for x in alone:
+        f = facts[x.query]
+        if x.kind in ("correct", "wrong_number"):
+            assert x.facts == f.text  # the subject's own fact
+        else:
+            assert f.subject not in x.facts  # another subject's fact
+            if x.kind == "swapped_entity":
+                assert x.response in x.facts
+    assert all(x.facts.count(".") == 2 for x in make_critic_examples(80, 4, "train", single_fact=0.0))
+    with pytest.raises(MemLMError):
+        make_critic_examples(10, 0, "train", single_fact=1.5)
