@@ -1,21 +1,24 @@
 """HMST learned control on held-out synthetic facts: all gates on, the fixed schedule, the trained
 controller, and the controller plus the critic.
 
-    python bench/hmst_control.py [--quick] [--threads N] [--plot docs/img/hmst_control_pareto.png]
+    python bench/hmst_control.py [--quick] [--seed S] [--threads N] [--workdir DIR] [--plot docs/img/hmst_control_pareto.png]
 
 Pipeline (everything in this process, offline, char tokenizer over the fact text):
 
 1. stage 1: a small HMST trains on fact QA lines ("<fact> <distractor fact> Q: <question> A: <value>")
    of the ``train`` names, with the stage-1 gate schedule;
 2. stage 3: :class:`memlm.callbacks.rl_stage.RLStage` (PPO) trains the controller from that
-   checkpoint in a real Trainer (quality = log-likelihood gain, compute = the meter's), once per
-   ``lambda_compute`` of the sweep; the main row uses ``--lambda-compute``;
+   checkpoint in a real Trainer (quality = log-likelihood gain on the answer's tokens, or the
+   whole row with ``--quality row``; compute = the meter's), once per ``lambda_compute`` of the
+   sweep; the main row uses ``--lambda-compute``;
 3. stage 4: :class:`memlm.callbacks.critic_stage.CriticStage` trains the critic on
-   (query, response, facts) triples (critic_data.py); AUROC / ECE on triples of held-out names;
+   (query, response, facts) triples (critic_data.py, shaped by ``CRITIC_DATA``); AUROC / ECE on
+   triples of held-out names;
 4. evaluation: every model's semantic memory is cleared and holds the stage-3 facts plus the
    held-out facts (:func:`knowledge_base`, as ``/ingest`` writes them), and each question (with
    its fact and a distractor in the prompt) is answered by :class:`HMSTInferenceEngine`; the
-   answer is the reply's first sentence.
+   answer is the reply's first sentence (:func:`is_right`). A fixed "exit + semantic read" row
+   shows what the cheapest pattern that still reads memory does on its own.
 
 The model uses the kNN-LM output over token-embedding keys (docs/hmst_control.md "Why the keys").
 

@@ -73,7 +73,7 @@ def make_critic_examples(n_facts: int, seed: int, split: str = "train", response
         raise MemLMError(f"critic data single_fact must be in [0, 1], got {single_fact}")
     facts = make_facts(n_facts, seed, split)
     rng = np.random.default_rng([int(seed), 7, 0 if split == "train" else 1])
-    say = (lambda f, v: _statement_rest(f, v)) if response == "statement" else (lambda f, v: v)
+    say = _statement_rest if response == "statement" else (lambda f, v: v)
     by_relation: dict[str, list[int]] = {}
     for i, f in enumerate(facts):
         by_relation.setdefault(f.relation, []).append(i)

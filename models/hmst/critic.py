@@ -19,7 +19,7 @@ tokens: in the query, in the facts; fact tokens: in the response, in the query).
 claim is first a matter of finding it in the evidence and then of checking that it is bound
 to the asked subject; the flags make the first step an input rather than something a small
 encoder must learn from a few thousand triples, and leave the second (which matched words
-sit together in one fact) to attention. n = 1 suits word-level tokenizers, 3 a char-level one.
+sit together in one fact) to attention. n = 1–2 suits subword tokenizers, 3 a char-level one.
 
 Outputs: ``logits`` of P(correct) (``p_correct = sigmoid(logits)``) from the [CLS] state, and
 ``confidence`` from a separate head trained to predict whether the critic's own verdict
@@ -143,7 +143,7 @@ class Critic(nn.Module):
         ok = torch.cat([valid, valid.new_zeros(b, n - 1)], 1)
         h = torch.zeros(b, t, dtype=torch.long, device=ids.device)
         whole = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-        for i in range(n):  # n is 1..4: a rolling hash mod a 31-bit prime, no overflow
+        for i in range(n):  # a rolling hash mod a 31-bit prime: h * (V + 1) stays far inside int64
             h = (h * (self.vocab_size + 1) + ids[:, i:i + t] + 1) % 2147483647
             whole = whole & ok[:, i:i + t]
         return h, whole
